@@ -1,0 +1,1 @@
+"""Fused ops, one file each (kernels, launchers, custom op, autograd), and their references."""

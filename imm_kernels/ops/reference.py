@@ -1,0 +1,122 @@
+"""Plain-PyTorch references. They define the semantics every fused kernel must meet.
+
+Tests compare the kernels with these, and these with a float64 run of themselves;
+benchmarks time them as the ``eager`` / ``compiled`` / ``cdist`` providers.
+
+The MMD reference is the formulation found in public IMM training code: three
+broadcast-difference kernels of shape (G, M, M, D), each averaged over (1, 2).
+It is exact (direct differences, no Gram expansion) and memory-hungry on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "laplace_distance",
+    "grouped_mmd_reference",
+    "mmd_loss_reference",
+    "grouped_mmd_cdist",
+    "mmd_loss_cdist",
+    "reduce_groups",
+    "as_per_group",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_per_group(value, num_groups: int, dtype: torch.dtype, device) -> Tensor:
+    """A float or a 0-dim / (G,) tensor as a (G,) tensor of `dtype`, keeping autograd."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype).expand(num_groups)
+    return torch.full((num_groups,), float(value), dtype=dtype, device=device)
+
+
+def reduce_groups(per_group: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_group.mean()
+    if reduction == "sum":
+        return per_group.sum()
+    return per_group
+
+
+def laplace_distance(sqdist: Tensor, eps: float) -> Tensor:
+    """max(sqrt(sqdist), eps), with exactly zero gradient where sqrt(sqdist) <= eps.
+
+    The inner `where` keeps sqrt away from 0, whose derivative is infinite (0 * inf
+    would turn the diagonal's zero gradient into NaN). NaN distances stay NaN.
+    """
+    close = sqdist <= eps * eps
+    safe = torch.where(close, torch.ones_like(sqdist), sqdist)
+    return torch.where(close, torch.full_like(sqdist, eps), safe.sqrt())
+
+
+def _laplace_kernel(a: Tensor, b: Tensor, bandwidth: Tensor, eps: float) -> Tensor:
+    """k(a_i, b_j) for every pair of a group: (G, M, D) x (G, M, D) -> (G, M, M)."""
+    num_features = a.shape[-1]
+    sqdist = (a[:, :, None, :] - b[:, None, :, :]).square().sum(-1)
+    return torch.exp(-bandwidth[:, None, None] * laplace_distance(sqdist, eps) / num_features)
+
+
+def grouped_mmd_reference(
+    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float
+) -> Tensor:
+    """weight_g * MMD^2_g for every group, as a (G,) tensor in the compute dtype.
+
+    bandwidth and weight are (G,) tensors (see `as_per_group`).
+    """
+    cdtype = compute_dtype(x.dtype)
+    num_groups = x.shape[0] // group_size
+    xg = x.reshape(num_groups, group_size, -1).to(cdtype)
+    yg = y.reshape(num_groups, group_size, -1).to(cdtype)
+    k_xx = _laplace_kernel(xg, xg, bandwidth, eps).mean((1, 2))
+    k_yy = _laplace_kernel(yg, yg, bandwidth, eps).mean((1, 2))
+    k_xy = _laplace_kernel(xg, yg, bandwidth, eps).mean((1, 2))
+    return weight * (k_xx + k_yy - 2 * k_xy)
+
+
+def _grouped_to_loss(grouped, x, y, group_size, bandwidth, weight, eps, reduction):
+    cdtype = compute_dtype(x.dtype)
+    num_groups = x.shape[0] // group_size
+    bandwidth = as_per_group(bandwidth, num_groups, cdtype, x.device)
+    weight = as_per_group(1.0 if weight is None else weight, num_groups, cdtype, x.device)
+    return reduce_groups(grouped(x, y, group_size, bandwidth, weight, eps), reduction)
+
+
+def mmd_loss_reference(
+    x: Tensor, y: Tensor, group_size: int, bandwidth=1.0, weight=None, *, eps: float = 1e-8, reduction: str = "mean"
+) -> Tensor:
+    """The reference `mmd_loss`, without input validation (benchmarks time this)."""
+    return _grouped_to_loss(grouped_mmd_reference, x, y, group_size, bandwidth, weight, eps, reduction)
+
+
+def grouped_mmd_cdist(
+    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float
+) -> Tensor:
+    """The same quantity through `torch.cdist` on the stacked group z = [x; y].
+
+    cdist may use the Gram expansion internally (inaccurate for nearly equal rows);
+    it is here as a benchmark provider, not as a second source of truth.
+    """
+    cdtype = compute_dtype(x.dtype)
+    num_groups = x.shape[0] // group_size
+    z = torch.cat(
+        [x.reshape(num_groups, group_size, -1), y.reshape(num_groups, group_size, -1)], dim=1
+    ).to(cdtype)
+    num_features = z.shape[-1]
+    dist = torch.cdist(z, z).clamp_min(eps)
+    kern = torch.exp(-bandwidth[:, None, None] * dist / num_features)
+    sign = torch.cat([torch.ones(group_size), -torch.ones(group_size)]).to(z)
+    mmd2 = (sign[:, None] * sign[None, :] * kern).sum((1, 2)) / group_size**2
+    return weight * mmd2
+
+
+def mmd_loss_cdist(
+    x: Tensor, y: Tensor, group_size: int, bandwidth=1.0, weight=None, *, eps: float = 1e-8, reduction: str = "mean"
+) -> Tensor:
+    return _grouped_to_loss(grouped_mmd_cdist, x, y, group_size, bandwidth, weight, eps, reduction)
