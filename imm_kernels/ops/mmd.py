@@ -73,7 +73,7 @@ def _finalize_group(
 ):
     """From a group's summed S: store S, MMD^2, dMMD^2/db and the weighted loss."""
     rows = tl.arange(0, R)
-    tl.store(sqdist_ptr + group * (R * R) + rows[:, None] * R + rows[None, :], sqdist)
+    tl.store(sqdist_ptr + group.to(tl.int64) * (R * R) + rows[:, None] * R + rows[None, :], sqdist)
     bandwidth = tl.load(bandwidth_ptr + group)
     weight = tl.load(weight_ptr + group)
     _, dist, kern = _laplace_terms(sqdist, bandwidth, eps, num_features)
@@ -160,7 +160,7 @@ def _mmd_bwd_kernel(
     is_x = rows < M
     is_y = (rows >= M) & (rows < 2 * M)
 
-    sqdist = tl.load(sqdist_ptr + group * (R * R) + rows[:, None] * R + rows[None, :])
+    sqdist = tl.load(sqdist_ptr + group.to(tl.int64) * (R * R) + rows[:, None] * R + rows[None, :])
     bandwidth = tl.load(bandwidth_ptr + group)
     weight = tl.load(weight_ptr + group)
     grad = tl.load(grad_ptr + group.to(tl.int64) * stride_grad).to(cdtype)

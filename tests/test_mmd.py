@@ -1,0 +1,532 @@
+"""mmd_loss: every backend against the reference, the reference against float64.
+
+Without a GPU the Triton backend runs in Triton's interpreter (see conftest.py),
+so shapes stay small but cover odd D, D not a multiple of the block, the split-D
+path (few groups) and M in {1, 2, 3, 4, 8, 16}.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import imm_kernels
+from imm_kernels import BackendUnavailableError, mmd_loss
+from imm_kernels.ops import reference
+from imm_kernels.ops.reference import mmd_loss_reference
+
+TRITON_REASON = imm_kernels.backends()["triton"]
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")
+KERNEL_BACKENDS = [pytest.param("triton", marks=needs_triton)]
+ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+
+
+def make_inputs(group_size, num_groups, num_features, dtype=torch.float32, device="cpu", seed=0):
+    """x ~ N(0, 1), y ~ N(0.3, 0.8^2) and per-group bandwidths that keep k in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = group_size * num_groups
+    x = torch.randn(batch, num_features, generator=gen, dtype=torch.float64)
+    y = 0.8 * torch.randn(batch, num_features, generator=gen, dtype=torch.float64) + 0.3
+    # Typical distance ~ sqrt(2D): bandwidth ~ sqrt(D) puts b*d/D near 1.
+    bandwidth = math.sqrt(num_features) * (0.3 + 1.2 * torch.rand(num_groups, generator=gen, dtype=torch.float64))
+    weight = 0.5 + torch.rand(num_groups, generator=gen, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (x, y)] + [t.to(device) for t in (bandwidth, weight)]
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="mean", **kw):
+    """The loss and its gradients in x, y, bandwidth, weight (all four require grad)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, y, bandwidth, weight)]
+    loss = mmd_loss(leaves[0], leaves[1], group_size, leaves[2], leaves[3], reduction=reduction, backend=backend, **kw)
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    return loss.detach(), [g.detach() for g in grads]
+
+
+# ----------------------------------------------------------------------------
+# The reference itself
+# ----------------------------------------------------------------------------
+
+
+def hand_mmd(x, y, group_size, bandwidth, weight, eps=1e-8):
+    """The V-statistic, one pair at a time, in numpy float64: independent of torch."""
+    x = x.double().numpy().reshape(x.shape[0], -1)
+    y = y.double().numpy().reshape(y.shape[0], -1)
+    num_features = x.shape[1]
+    losses = []
+    for g in range(x.shape[0] // group_size):
+        z = np.concatenate([x[g * group_size : (g + 1) * group_size], y[g * group_size : (g + 1) * group_size]])
+        sign = np.array([1.0] * group_size + [-1.0] * group_size)
+        total = 0.0
+        for i in range(2 * group_size):
+            for j in range(2 * group_size):
+                dist = max(np.sqrt(np.sum((z[i] - z[j]) ** 2)), eps)
+                total += sign[i] * sign[j] * np.exp(-float(bandwidth[g]) * dist / num_features)
+        losses.append(float(weight[g]) * total / group_size**2)
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3, 4])
+def test_reference_matches_hand_computation(group_size):
+    x, y, bandwidth, weight = make_inputs(group_size, 3, 7, torch.float64, seed=group_size)
+    got = mmd_loss_reference(x, y, group_size, bandwidth, weight, reduction="none")
+    torch.testing.assert_close(got, hand_mmd(x, y, group_size, bandwidth, weight), rtol=1e-12, atol=1e-14)
+
+
+def test_reference_fp32_close_to_fp64():
+    x, y, bandwidth, weight = make_inputs(4, 5, 301)
+    got = mmd_loss_reference(x, y, 4, bandwidth, weight, reduction="none")
+    expected = mmd_loss_reference(x.double(), y.double(), 4, bandwidth, weight, reduction="none")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cdist_provider_matches_reference():
+    x, y, bandwidth, weight = make_inputs(4, 3, 50, torch.float64)
+    torch.testing.assert_close(
+        reference.mmd_loss_cdist(x, y, 4, bandwidth, weight, reduction="none"),
+        mmd_loss_reference(x, y, 4, bandwidth, weight, reduction="none"),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Kernel backends against the reference and float64
+# ----------------------------------------------------------------------------
+
+# (group_size, num_groups, D): odd D, D not a multiple of any block size, and
+# num_groups below the interpreter's target of 4 programs so D is split too.
+PARITY_CASES = [
+    (1, 5, 37), (1, 2, 1001),
+    (2, 4, 37), (2, 1, 1001),
+    (3, 3, 37), (3, 2, 515),
+    (4, 4, 37), (4, 1, 1001),
+    (8, 2, 37), (8, 1, 515),
+    (16, 2, 37), (16, 1, 203),
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("group_size,num_groups,num_features", PARITY_CASES)
+def test_fp32_parity_with_float64(backend, group_size, num_groups, num_features, device):
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, device=device, seed=num_features)
+    loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
+    ref_loss, ref_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
+    exact_loss, exact_grads = loss_and_grads(x.double(), y.double(), group_size, bandwidth, weight, "torch", reduction="none")
+    assert loss.dtype == torch.float32 and loss.shape == (num_groups,)
+    # float32 accumulation over D <= 1001 terms: far under 1e-5 relative.
+    torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, got, ref, exact in zip("x y bandwidth weight".split(), grads, ref_grads, exact_grads):
+        assert got.shape == ref.shape, name
+        assert rel_err(got, exact) < 1e-5, name
+        assert rel_err(got, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("group_size,num_groups,num_features", [(3, 2, 37), (4, 1, 1001), (16, 1, 41)])
+def test_fp64_matches_reference_to_rounding(backend, group_size, num_groups, num_features, device):
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, torch.float64, device)
+    loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
+    ref_loss, ref_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    for got, ref in zip(grads, ref_grads):
+        assert rel_err(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(backend, reduction, device):
+    x, y, bandwidth, weight = make_inputs(4, 3, 29, device=device)
+    per_group = mmd_loss_reference(x.double(), y.double(), 4, bandwidth, weight, reduction="none")
+    expected = {"mean": per_group.mean(), "sum": per_group.sum(), "none": per_group}[reduction]
+    got = mmd_loss(x, y, 4, bandwidth, weight, reduction=reduction, backend=backend)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_scalar_bandwidth_and_weight_forms(backend, device):
+    """float, 0-dim tensor and (G,) tensor give the same loss; weight=None means 1."""
+    x, y, _, _ = make_inputs(2, 3, 20, torch.float64, device)
+    as_float = mmd_loss(x, y, 2, 3.0, 2.0, backend=backend)
+    as_scalar = mmd_loss(x, y, 2, torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0), backend=backend)
+    as_vector = mmd_loss(x, y, 2, torch.full((3,), 3.0), torch.full((3,), 2.0), backend=backend)
+    torch.testing.assert_close(as_float, as_scalar)
+    torch.testing.assert_close(as_float, as_vector)
+    torch.testing.assert_close(mmd_loss(x, y, 2, 3.0, backend=backend) * 2.0, as_float)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_scalar_bandwidth_tensor_gets_summed_gradient(backend, device):
+    x, y, bandwidth, _ = make_inputs(2, 3, 20, torch.float64, device)
+    b = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(mmd_loss(x, y, 2, b, backend=backend, reduction="sum"), b)
+    b_vec = torch.full((3,), 2.5, dtype=torch.float64, requires_grad=True)
+    (grad_vec,) = torch.autograd.grad(mmd_loss(x, y, 2, b_vec, backend=backend, reduction="sum"), b_vec)
+    torch.testing.assert_close(grad, grad_vec.sum())
+
+
+# ----------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("group_size,num_groups,num_features", [(1, 2, 5), (3, 2, 5), (4, 1, 19)])
+def test_gradcheck_float64(backend, group_size, num_groups, num_features, device):
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, torch.float64, device)
+    inputs = [t.clone().requires_grad_(True) for t in (x, y, bandwidth, weight)]
+
+    def fn(x, y, bandwidth, weight):
+        return mmd_loss(x, y, group_size, bandwidth, weight, reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_gradient_matches_closed_form(backend, device):
+    """DESIGN §3's dL/dz_i = sum_j A_ij (z_i - z_j), and dL/db, dL/dw, written out in float64."""
+    group_size, num_features = 3, 11
+    x, y, bandwidth, weight = make_inputs(group_size, 1, num_features, torch.float64, device)
+    _, (dx, dy, db, dw) = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="sum")
+    z = torch.cat([x, y])
+    sign = torch.tensor([1.0] * group_size + [-1.0] * group_size, dtype=torch.float64, device=device)
+    dist = torch.cdist(z, z).clamp_min(1e-8)
+    kern = torch.exp(-bandwidth * dist / num_features)
+    ss = sign[:, None] * sign[None, :]
+    coeff = -(2 * weight * bandwidth / (group_size**2 * num_features)) * ss * kern / dist
+    coeff.fill_diagonal_(0.0)
+    dz = coeff.sum(1, keepdim=True) * z - coeff @ z
+    torch.testing.assert_close(torch.cat([dx, dy]), dz, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(db, -(weight / (group_size**2 * num_features)) * (ss * kern * dist).sum().reshape(1))
+    torch.testing.assert_close(dw, ((ss * kern).sum() / group_size**2).reshape(1))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_duplicate_rows_have_zero_pair_gradient(backend, device):
+    """Pairs closer than eps contribute exactly nothing (the diagonal, and duplicates)."""
+    x, y, bandwidth, weight = make_inputs(2, 1, 6, torch.float64, device)
+    x = torch.stack([x[0], x[0]])  # two identical particles
+    y = x.clone()  # y == x: MMD^2 is exactly 0
+    loss, grads = loss_and_grads(x, y, 2, bandwidth, weight, backend, reduction="sum")
+    assert loss.item() == 0.0
+    for g in grads[:3]:
+        assert torch.isfinite(g).all()
+        assert g.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_only_requested_gradients(backend, device):
+    """y without requires_grad (the IMM target) gets no gradient; x alone is computed."""
+    x, y, bandwidth, weight = make_inputs(4, 2, 33, device=device)
+    x = x.requires_grad_(True)
+    loss = mmd_loss(x, y, 4, bandwidth, weight, backend=backend)
+    (dx,) = torch.autograd.grad(loss, x)
+    _, ref_grads = loss_and_grads(x.detach(), y, 4, bandwidth, weight, "torch")
+    assert rel_err(dx, ref_grads[0]) < 1e-5
+    assert y.grad is None
+
+
+# ----------------------------------------------------------------------------
+# Accuracy when a group's outputs converge (late training)
+# ----------------------------------------------------------------------------
+
+
+def nearly_equal_group(group_size, num_groups, num_features, spread, device):
+    """Rows = a shared centre of norm ~ sqrt(D) plus perturbations of relative size `spread`."""
+    gen = torch.Generator().manual_seed(7)
+    centre = 3.0 + torch.randn(num_groups, 1, num_features, generator=gen, dtype=torch.float64)
+    noise = lambda: spread * 3.0 * torch.randn(num_groups, group_size, num_features, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = (centre + noise()).reshape(-1, num_features).float()
+    y = (centre + noise()).reshape(-1, num_features).float()
+    typical = spread * 3.0 * math.sqrt(2 * num_features)  # typical pair distance
+    bandwidth = torch.full((num_groups,), num_features / typical, dtype=torch.float64)
+    return x.to(device), y.to(device), bandwidth.to(device)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nearly_equal_outputs_are_accurate(backend, device):
+    """Distances 1e-3 of the norms: direct differences keep fp32 within 1e-5 of float64.
+
+    The Gram expansion |a|^2 + |b|^2 - 2ab loses ~6 digits here; the last check
+    shows it, so this case really separates the two formulations.
+    """
+    group_size, num_groups, num_features = 4, 2, 257
+    x, y, bandwidth = nearly_equal_group(group_size, num_groups, num_features, 1e-3, device)
+    weight = torch.ones(num_groups, dtype=torch.float64, device=device)
+    loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
+    exact_loss, exact_grads = loss_and_grads(x.double(), y.double(), group_size, bandwidth, weight, "torch", reduction="none")
+    assert rel_err(loss, exact_loss) < 1e-5
+    for got, exact in zip(grads, exact_grads):
+        assert rel_err(got, exact) < 1e-4
+
+    z = x.reshape(num_groups, group_size, -1)
+    gram_sq = (z.square().sum(-1)[:, :, None] + z.square().sum(-1)[:, None, :] - 2 * z @ z.transpose(1, 2))
+    exact_sq = (z.double()[:, :, None] - z.double()[:, None, :]).square().sum(-1)
+    off_diag = ~torch.eye(group_size, dtype=torch.bool, device=device)
+    assert rel_err(gram_sq[:, off_diag], exact_sq[:, off_diag]) > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# Layouts: non-contiguous inputs, stride-0 grad_output, feature shapes
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    group_size, num_groups, num_features = 4, 2, 24
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, device=device)
+    layouts = {
+        # chunk of a wider activation: row stride 2D, unit column stride (no copy)
+        "chunk": (torch.cat([x, y], dim=1).chunk(2, dim=1)[0], torch.cat([y, x], dim=1).chunk(2, dim=1)[0]),
+        # transposed storage: column stride B (copied to rows first)
+        "transposed": (x.t().contiguous().t(), y.t().contiguous().t()),
+        # every other row of a taller tensor
+        "strided rows": (torch.repeat_interleave(x, 2, dim=0)[::2], torch.repeat_interleave(y, 2, dim=0)[::2]),
+        # image-shaped features (B, C, H, W), y a permuted (channels-last-like) view
+        "4-d": (x.reshape(-1, 2, 3, 4), y.reshape(-1, 4, 3, 2).permute(0, 3, 2, 1)),
+    }
+    for name, (xv, yv) in layouts.items():
+        loss, grads = loss_and_grads(xv, yv, group_size, bandwidth, weight, backend)
+        ref_loss, ref_grads = loss_and_grads(xv, yv, group_size, bandwidth, weight, "torch")
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=name)
+        for got, ref in zip(grads, ref_grads):
+            assert got.shape == ref.shape, name
+            assert rel_err(got, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_expanded_stride0_inputs(backend, device):
+    """y broadcast from one row per batch (stride 0 over B) works without materializing."""
+    x, y, bandwidth, weight = make_inputs(4, 2, 16, device=device)
+    y_expanded = y[:1].expand_as(y)
+    assert y_expanded.stride(0) == 0
+    loss, grads = loss_and_grads(x, y_expanded, 4, bandwidth, weight, backend)
+    ref_loss, ref_grads = loss_and_grads(x, y_expanded.contiguous(), 4, bandwidth, weight, "torch")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(grads, ref_grads):
+        assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_stride0_grad_output(backend, device):
+    x, y, bandwidth, weight = make_inputs(3, 4, 10, device=device)
+    x.requires_grad_(True)
+    per_group = mmd_loss(x, y, 3, bandwidth, weight, reduction="none", backend=backend)
+    grad_output = torch.tensor(0.7, device=device).expand(4)
+    assert grad_output.stride() == (0,)
+    (dx,) = torch.autograd.grad(per_group, x, grad_output)
+    (dx_ref,) = torch.autograd.grad(0.7 * mmd_loss_reference(x, y, 3, bandwidth, weight, reduction="sum"), x)
+    assert rel_err(dx, dx_ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Low precision: the tolerance policy
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_policy(backend, dtype, device):
+    """Kernel error <= 2x the same-dtype PyTorch error against fp32, plus a small atol.
+
+    "fp32" is the reference on the float32 copy of the same low-precision values.
+    Both paths compute in fp32, so the loss errors are fp32-sized; the gradients
+    are rounded to `dtype` on output, in the reference (autograd of the upcast)
+    as in the kernel. atol: 1e-6 for the loss, half an ulp of `dtype` at 1 for grads.
+    """
+    group_size, num_groups, num_features = 4, 3, 301
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, dtype, device)
+    loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
+    same_dtype_loss, same_dtype_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
+    fp32_loss, fp32_grads = loss_and_grads(x.float(), y.float(), group_size, bandwidth, weight, "torch", reduction="none")
+    assert loss.dtype == torch.float32
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    loss_err = (loss - fp32_loss).abs().max().item()
+    assert loss_err <= 2 * (same_dtype_loss - fp32_loss).abs().max().item() + 1e-6
+    grad_atol = torch.finfo(dtype).eps / 2
+    for got, same, fp32 in zip(grads, same_dtype_grads, fp32_grads):
+        err = (got.double() - fp32.double()).abs().max().item()
+        ref_err = (same.double() - fp32.double()).abs().max().item()
+        assert err <= 2 * ref_err + grad_atol * fp32.abs().max().item()
+
+
+# ----------------------------------------------------------------------------
+# Determinism, NaN/Inf, large offsets
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("num_groups,num_features", [(1, 2000), (6, 300)])
+def test_bitwise_deterministic(backend, num_groups, num_features, device):
+    """Split (1 group) and unsplit paths: two runs agree to the bit."""
+    x, y, bandwidth, weight = make_inputs(4, num_groups, num_features, device=device)
+    first = loss_and_grads(x, y, 4, bandwidth, weight, backend)
+    second = loss_and_grads(x, y, 4, bandwidth, weight, backend)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["x", "y"])
+def test_non_finite_input_gives_nan(backend, bad, where, device):
+    x, y, bandwidth, weight = make_inputs(3, 2, 9, device=device)
+    (x if where == "x" else y)[4, 5] = bad  # group 1
+    x.requires_grad_(True)
+    per_group = mmd_loss(x, y, 3, bandwidth, weight, reduction="none", backend=backend)
+    assert torch.isfinite(per_group[0]) and torch.isnan(per_group[1])
+    assert torch.isnan(per_group.mean())
+    (dx,) = torch.autograd.grad(per_group.sum(), x)
+    assert torch.isfinite(dx[:3]).all() and torch.isnan(dx[3:]).any()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_row_offsets_beyond_int32(backend, device):
+    """Rows 2^29 elements apart: element offsets pass 2^31, as when B*D > 2^31.
+
+    The storage is allocated but only the used rows are ever touched, so this
+    costs a few KB of real memory on a CPU (lazy pages) and ~7.5 GB on a GPU.
+    """
+    group_size, num_groups, num_features, row_stride = 4, 2, 40, 2**29
+    batch = group_size * num_groups
+    try:
+        storage = torch.empty((batch - 1) * row_stride + num_features, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as err:  # pragma: no cover - depends on the machine
+        pytest.skip(f"cannot reserve {(batch * row_stride * 2) / 2**30:.1f} GiB: {err}")
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, torch.float16, device)
+    far = storage.as_strided((batch, num_features), (row_stride, 1))
+    far.copy_(x)
+    assert (batch - 1) * row_stride > 2**31
+    loss, grads = loss_and_grads(far, y, group_size, bandwidth, weight, backend)
+    ref_loss, ref_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert rel_err(grads[0], ref_grads[0]) < 1e-2  # fp16 gradients
+
+
+# ----------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------
+
+
+def test_backends_report():
+    report = imm_kernels.backends()
+    assert set(report) == {"triton", "native", "torch"}
+    assert report["torch"] is None
+    assert all(reason is None or isinstance(reason, str) for reason in report.values())
+
+
+def test_native_backend_unavailable_is_explained():
+    if imm_kernels.backends()["native"] is None:
+        pytest.skip("native backend is built here")
+    x, y, *_ = make_inputs(2, 1, 4)
+    with pytest.raises(BackendUnavailableError, match="backend='native' is not available"):
+        mmd_loss(x, y, 2, backend="native")
+
+
+def test_auto_picks_by_device():
+    from imm_kernels.backends import resolve_mmd_backend
+
+    x, *_ = make_inputs(2, 1, 4)
+    expected_cpu = "native" if imm_kernels.backends()["native"] is None else "torch"
+    assert resolve_mmd_backend("auto", x, 2)[0] == expected_cpu
+    if torch.cuda.is_available():
+        assert resolve_mmd_backend("auto", x.cuda(), 2)[0] == "triton"
+        assert resolve_mmd_backend("auto", x.cuda(), 33)[0] == "torch"  # beyond the kernel's M limit
+
+
+@needs_triton
+def test_triton_rejects_too_large_group(device):
+    x = torch.randn(66, 3, device=device)
+    with pytest.raises(BackendUnavailableError, match="group_size=33 exceeds"):
+        mmd_loss(x, x, 33, backend="triton")
+
+
+# ----------------------------------------------------------------------------
+# Bad input: every error names the argument
+# ----------------------------------------------------------------------------
+
+X = torch.randn(8, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(x=X.tolist()), TypeError, "x must be a torch.Tensor"),
+        (dict(y="nope"), TypeError, "y must be a torch.Tensor"),
+        (dict(x=X.long(), y=X.long()), TypeError, "x must be float16, bfloat16, float32 or float64"),
+        (dict(x=X.to(torch.complex64), y=X.to(torch.complex64)), TypeError, "x must be float16"),
+        (dict(y=X.double()), TypeError, "y has dtype torch.float64 but x has torch.float32"),
+        (dict(y=torch.randn(8, 4)), ValueError, r"same shape, got x \(8, 3\) and y \(8, 4\)"),
+        (dict(x=torch.tensor(1.0), y=torch.tensor(1.0)), ValueError, "x must be"),
+        (dict(x=torch.randn(0, 3), y=torch.randn(0, 3)), ValueError, "B >= 1"),
+        (dict(x=torch.randn(8, 0), y=torch.randn(8, 0)), ValueError, "at least one feature"),
+        (dict(group_size=3), ValueError, "batch size 8 of x is not divisible by group_size=3"),
+        (dict(group_size=0), ValueError, "group_size must be >= 1"),
+        (dict(group_size=2.0), TypeError, "group_size must be an int"),
+        (dict(group_size=True), TypeError, "group_size must be an int"),
+        (dict(bandwidth=torch.ones(3)), ValueError, r"bandwidth must be a float or a tensor of shape \(2,\)"),
+        (dict(bandwidth=torch.ones(2, 1)), ValueError, "bandwidth must be a float or a tensor of shape"),
+        (dict(bandwidth=torch.ones(2, dtype=torch.long)), TypeError, "bandwidth must be a floating-point tensor"),
+        (dict(bandwidth="wide"), TypeError, "bandwidth must be a float or a tensor"),
+        (dict(bandwidth=-1.0), ValueError, "bandwidth must be non-negative"),
+        (dict(weight=torch.ones(4)), ValueError, r"weight must be a float or a tensor of shape \(2,\)"),
+        (dict(weight=[1.0, 2.0]), TypeError, "weight must be a float or a tensor"),
+        (dict(eps=-1e-3), ValueError, "eps must be a non-negative float"),
+        (dict(eps="small"), ValueError, "eps must be a non-negative float"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(backend="cuda-graph"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_raises(kwargs, error, match):
+    args = dict(x=X, y=X + 1, group_size=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mmd_loss(args.pop("x"), args.pop("y"), args.pop("group_size"), **args)
+
+
+def test_mixed_devices_raise():
+    if not torch.cuda.is_available():
+        meta = torch.empty(8, 3, device="meta")
+        with pytest.raises(ValueError, match="y is on meta but x is on cpu"):
+            mmd_loss(X, meta, 4)
+        with pytest.raises(ValueError, match="bandwidth is on meta but x is on cpu"):
+            mmd_loss(X, X, 4, torch.ones(2, device="meta"))
+    else:
+        with pytest.raises(ValueError, match="y is on cuda:0 but x is on cpu"):
+            mmd_loss(X, X.cuda(), 4)
+
+
+# ----------------------------------------------------------------------------
+# torch.compile: a whole training step, no graph breaks
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_compiled_training_step_fullgraph(backend, device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 10)).to(device)
+    inputs = torch.randn(8, 6, device=device)
+    target = torch.randn(8, 10, device=device)
+    bandwidth = torch.rand(2, device=device) + 1.0
+
+    def step(inputs, target, bandwidth):
+        out = net(inputs)
+        return mmd_loss(out, target, 4, bandwidth, 0.5, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(inputs, target, bandwidth)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    eager_loss = step(inputs, target, bandwidth)
+    eager_grads = torch.autograd.grad(eager_loss, list(net.parameters()))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
