@@ -1,0 +1,113 @@
+"""The `imm-kernels` command (also `python -m imm_kernels`).
+
+    imm-kernels report    backends available here, their accuracy against float64,
+                          and forward+backward timings against the eager reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from .backends import backends, resolve_mmd_backend
+from .functional import mmd_loss
+from .ops.reference import mmd_loss_reference
+
+
+def _interleaved_medians_ms(providers: dict, repeats: int) -> dict:
+    """Median time of each provider, timed round-robin so that drift hits all alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in providers.values():
+        fn()  # warm-up: compilation, allocator
+    times = {label: [] for label in providers}
+    for _ in range(repeats):
+        for label, fn in providers.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def _inputs(batch, group_size, num_features, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, num_features, generator=gen).to(device, dtype)
+    y = (0.8 * torch.randn(batch, num_features, generator=gen) + 0.3).to(device, dtype)
+    bandwidth = (num_features**0.5) * torch.linspace(0.5, 1.5, batch // group_size).to(device)
+    return x, y, bandwidth
+
+
+def _accuracy_row(backend, device) -> str:
+    """Relative error of the fp32 loss and dx against the float64 reference."""
+    x, y, bandwidth = _inputs(24, 4, 257, torch.float32, device)
+    results = []
+    for inputs, name in (((x, y), backend), ((x.double(), y.double()), "torch")):
+        leaf = inputs[0].clone().requires_grad_(True)
+        loss = mmd_loss(leaf, inputs[1], 4, bandwidth, reduction="sum", backend=name)
+        results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0]))
+    (loss, dx), (loss64, dx64) = results
+    loss_err = ((loss.double() - loss64).abs() / loss64.abs()).item()
+    dx_err = ((dx.double() - dx64).norm() / dx64.norm()).item()
+    return f"  {backend:<8} loss rel err {loss_err:.1e}   dx rel err {dx_err:.1e}"
+
+
+def report(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import importlib.util
+
+    triton_version = "not installed"
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"imm_kernels report: torch {torch.__version__}, triton {triton_version}, device {name}")
+    print("\nbackends:")
+    for backend, reason in backends().items():
+        print(f"  {backend:<8} {'available' if reason is None else 'unavailable: ' + reason}")
+
+    usable = [b for b, reason in backends().items() if reason is None]
+    print("\naccuracy against float64 (B=24, M=4, D=257, fp32 inputs, loss and dL/dx):")
+    for backend in usable:
+        print(_accuracy_row(backend, device))
+
+    batch, group_size, num_features, dtype = (
+        (4096, 4, 4096, torch.bfloat16) if device.type == "cuda" else (256, 4, 768, torch.float32)
+    )
+    x, y, bandwidth = _inputs(batch, group_size, num_features, dtype, device)
+    x.requires_grad_(True)
+
+    def step(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(x, y, group_size, bandwidth), x)
+
+    providers = {"eager reference": step(mmd_loss_reference)}
+    if args.compile:
+        providers["torch.compile(reference)"] = step(torch.compile(mmd_loss_reference))
+    auto_name, _ = resolve_mmd_backend("auto", x, group_size)
+    providers[f"mmd_loss (auto -> {auto_name})"] = step(mmd_loss)
+
+    print(f"\nforward+backward, B={batch} M={group_size} D={num_features} {str(dtype)[6:]} on {name}, "
+          f"median of {args.repeats}:")
+    medians = _interleaved_medians_ms(providers, args.repeats)
+    baseline = medians["eager reference"]
+    for label, ms in medians.items():
+        print(f"  {label:<28} {ms:9.3f} ms   {baseline / ms:5.2f}x vs eager")
+    if device.type == "cpu" and auto_name == "torch":
+        print("  (on a CPU, auto uses the reference until the native C++ backend is built;"
+              " Triton here runs only in its interpreter, so it is checked for accuracy, not timed)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="imm-kernels", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    report_cmd = commands.add_parser("report", help="backends, accuracy and timings of mmd_loss here")
+    report_cmd.add_argument("--repeats", type=int, default=20, help="timed runs per provider (median)")
+    report_cmd.add_argument("--no-compile", dest="compile", action="store_false",
+                            help="skip the torch.compile provider (its warm-up takes a while on a CPU)")
+    report_cmd.set_defaults(run=report)
+    args = parser.parse_args(argv)
+    args.run(args)
