@@ -197,14 +197,21 @@ def padded_rows(group_size: int) -> int:
     return triton.next_power_of_2(2 * group_size)
 
 
-def _block_d(rows: int, num_features: int) -> int:
-    # The (R, R, BLOCK_D) difference tile lives in registers: keep it near 16K elements.
-    block = max(16, min(512, triton.next_power_of_2(16384 // (rows * rows) + 1) // 2))
-    return min(block, max(16, triton.next_power_of_2(num_features)))
+# (BLOCK_D, num_warps) per padded row count R, for 4-byte and 8-byte compute. The
+# (R, R, BLOCK_D) difference tile lives in registers: each entry is the widest
+# block whose forward and backward compile for sm_90 without spilling (ptxas
+# resource report; fp64 at R=64 spills least with this choice). GPU timing of
+# the alternatives is still to be done.
+_TILE_CONFIG = {
+    False: {2: (512, 4), 4: (512, 4), 8: (256, 4), 16: (64, 8), 32: (32, 16), 64: (8, 8)},
+    True: {2: (256, 4), 4: (256, 4), 8: (128, 8), 16: (32, 8), 32: (8, 16), 64: (4, 8)},
+}
 
 
-def _num_warps(rows: int) -> int:
-    return 4 if rows <= 8 else 8
+def _tile_config(rows: int, num_features: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_D, num_warps), the block no wider than D needs."""
+    block_d, num_warps = _TILE_CONFIG[dtype == torch.float64][rows]
+    return min(block_d, max(16, triton.next_power_of_2(num_features))), num_warps
 
 
 def target_programs(device: torch.device) -> int:
@@ -243,14 +250,14 @@ def _launch_forward(x, y, bandwidth, weight, group_size, eps):
     sqdist = torch.empty((num_groups, rows, rows), **out)
     bandwidth, weight = bandwidth.contiguous(), weight.contiguous()
 
-    block_d = _block_d(rows, num_features)
+    block_d, num_warps = _tile_config(rows, num_features, cdtype)
     num_splits, cols_per_split = _column_split(num_groups, num_features, block_d, x.device)
     partial = torch.empty((num_groups, num_splits, rows, rows), **out) if num_splits > 1 else sqdist
     outputs = (loss, sqdist, mmd2, dmmd_db)
     _mmd_fwd_kernel[(num_groups, num_splits)](
         x2, y2, x2.stride(0), y2.stride(0), partial, bandwidth, weight, *outputs,
         num_features, cols_per_split, eps,
-        M=group_size, R=rows, BLOCK_D=block_d, FINALIZE=num_splits == 1, num_warps=_num_warps(rows),
+        M=group_size, R=rows, BLOCK_D=block_d, FINALIZE=num_splits == 1, num_warps=num_warps,
     )
     if num_splits > 1:
         _mmd_finalize_kernel[(num_groups,)](
@@ -269,13 +276,13 @@ def _launch_backward(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps
     if not (need_dx or need_dy):
         return dx, dy
     grad_loss = grad_loss.to(sqdist.dtype)
-    block_d = _block_d(rows, num_features)
+    block_d, num_warps = _tile_config(rows, num_features, sqdist.dtype)
     num_splits, cols_per_split = _column_split(num_groups, num_features, block_d, x.device)
     _mmd_bwd_kernel[(num_groups, num_splits)](
         x2, y2, x2.stride(0), y2.stride(0), dx, dy, grad_loss, grad_loss.stride(0),
         sqdist, bandwidth.contiguous(), weight.contiguous(), num_features, cols_per_split, eps,
         M=group_size, R=rows, BLOCK_D=block_d, STORE_DX=need_dx, STORE_DY=need_dy,
-        num_warps=_num_warps(rows),
+        num_warps=num_warps,
     )
     return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
 
