@@ -51,6 +51,19 @@ def _laplace_terms(sqdist, bandwidth, eps, num_features):
 
 
 @triton.jit
+def _group_rows(group, M: tl.constexpr, R: tl.constexpr):
+    """Rows of z = [x_g; y_g]: (index, is_x, is_y, row of x, row of y), rows as int64.
+
+    int64 because row * stride passes 2^31 once B * D does.
+    """
+    rows = tl.arange(0, R)
+    is_x = rows < M
+    is_y = (rows >= M) & (rows < 2 * M)
+    x_rows = (group * M + rows).to(tl.int64)
+    return rows, is_x, is_y, x_rows, x_rows - M
+
+
+@triton.jit
 def _group_tile(x_rows, y_rows, is_x, is_y, cols, in_d, OUT_DTYPE: tl.constexpr):
     """The (R, BLOCK_D) tile of z = [x_g; y_g] at columns `cols`; padded rows read 0."""
     zx = tl.load(x_rows[:, None] + cols[None, :], mask=is_x[:, None] & in_d[None, :], other=0.0)
@@ -97,19 +110,16 @@ def _mmd_fwd_kernel(
     group = tl.program_id(0)
     split = tl.program_id(1)
     cdtype = sqdist_ptr.dtype.element_ty
-    rows = tl.arange(0, R)
-    is_x = rows < M
-    is_y = (rows >= M) & (rows < 2 * M)
-    # int64 row offsets: B * D may exceed 2^31 elements.
-    x_rows = x_ptr + (group * M + rows).to(tl.int64) * stride_x
-    y_rows = y_ptr + (group * M + rows - M).to(tl.int64) * stride_y
+    rows, is_x, is_y, x_rows, y_rows = _group_rows(group, M, R)
+    x_src = x_ptr + x_rows * stride_x
+    y_src = y_ptr + y_rows * stride_y
 
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, num_features)
     sqdist = tl.zeros((R, R), dtype=cdtype)
     for block_start in range(col_start, col_end, BLOCK_D):
         cols = block_start + tl.arange(0, BLOCK_D)
-        z = _group_tile(x_rows, y_rows, is_x, is_y, cols, cols < col_end, cdtype)
+        z = _group_tile(x_src, y_src, is_x, is_y, cols, cols < col_end, cdtype)
         diff = z[:, None, :] - z[None, :, :]
         sqdist += tl.sum(diff * diff, axis=2)
 
@@ -156,9 +166,7 @@ def _mmd_bwd_kernel(
     group = tl.program_id(0)
     split = tl.program_id(1)
     cdtype = sqdist_ptr.dtype.element_ty
-    rows = tl.arange(0, R)
-    is_x = rows < M
-    is_y = (rows >= M) & (rows < 2 * M)
+    rows, is_x, is_y, x_rows, y_rows = _group_rows(group, M, R)
 
     sqdist = tl.load(sqdist_ptr + group.to(tl.int64) * (R * R) + rows[:, None] * R + rows[None, :])
     bandwidth = tl.load(bandwidth_ptr + group)
@@ -168,8 +176,6 @@ def _mmd_bwd_kernel(
     scale = -2.0 * grad * weight * bandwidth / (M * M) / num_features
     coeff = tl.where(close, 0.0, scale * _signed_pairs(rows, M) * kern / dist)
 
-    x_rows = (group * M + rows).to(tl.int64)
-    y_rows = (group * M + rows - M).to(tl.int64)
     x_src = x_ptr + x_rows * stride_x
     y_src = y_ptr + y_rows * stride_y
     col_start = split * cols_per_split
