@@ -14,8 +14,12 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_per_group(value, name: str, num_groups: int, device: torch.device, *, positive: bool) -> None:
-    """A float, or a floating 0-dim / (G,) tensor on x's device."""
+def _check_per_group(value, name: str, num_groups: int, device: torch.device, *, non_negative: bool) -> None:
+    """A float, or a floating 0-dim / (G,) tensor on x's device.
+
+    Only Python numbers have their sign checked: reading a tensor's values would
+    sync with the device (and break CUDA-graph capture).
+    """
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
@@ -27,7 +31,7 @@ def _check_per_group(value, name: str, num_groups: int, device: torch.device, *,
                 f"got shape {tuple(value.shape)}"
             )
     elif isinstance(value, Real) and not isinstance(value, bool):
-        if positive and value < 0:
+        if non_negative and value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -55,9 +59,9 @@ def _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend
     if x.shape[0] % group_size != 0:
         raise ValueError(f"the batch size {x.shape[0]} of x is not divisible by group_size={group_size}")
     num_groups = x.shape[0] // group_size
-    _check_per_group(bandwidth, "bandwidth", num_groups, x.device, positive=True)
+    _check_per_group(bandwidth, "bandwidth", num_groups, x.device, non_negative=True)
     if weight is not None:
-        _check_per_group(weight, "weight", num_groups, x.device, positive=False)
+        _check_per_group(weight, "weight", num_groups, x.device, non_negative=False)
     if not isinstance(eps, Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if reduction not in REDUCTIONS:

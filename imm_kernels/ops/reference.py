@@ -111,7 +111,8 @@ def grouped_mmd_cdist(
     num_features = z.shape[-1]
     dist = torch.cdist(z, z).clamp_min(eps)
     kern = torch.exp(-bandwidth[:, None, None] * dist / num_features)
-    sign = torch.cat([torch.ones(group_size), -torch.ones(group_size)]).to(z)
+    sign = torch.ones(2 * group_size, dtype=z.dtype, device=z.device)
+    sign[group_size:] = -1.0
     mmd2 = (sign[:, None] * sign[None, :] * kern).sum((1, 2)) / group_size**2
     return weight * mmd2
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Tests, then benchmarks, on a CUDA machine from a plain checkout (installs nothing).
+# Usage: bash benchmarks/run_gpu.sh   Output folder: $OUT, else bench-out/ (logs, JSON, markdown).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-bench-out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 IMM_BENCH_OUT="$out"
+unset TRITON_INTERPRET  # the compiled kernels on the GPU, not Triton's CPU interpreter
+
+python3 - <<'EOF' 2>&1 | tee "$out/environment.txt"
+import torch, triton
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CUDA unavailable)"
+print(f"GPU: {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}")
+EOF
+
+python3 -m pytest tests -q 2>&1 | tee "$out/tests.log"
+tests_status=$?
+if [ "$tests_status" -ne 0 ]; then
+    echo "WARNING: tests failed (exit $tests_status, see $out/tests.log); benchmarking anyway"
+fi
+
+# Last, so that its summary table is the last thing printed.
+python3 -m pytest benchmarks/ --benchmark-only -q 2>&1 | tee "$out/benchmarks.log"
+bench_status=$?
+exit $(( tests_status || bench_status ))
