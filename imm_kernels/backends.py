@@ -3,8 +3,10 @@
 - ``torch``:  the readable PyTorch reference (always available).
 - ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors when Triton's
   interpreter is on (``TRITON_INTERPRET=1`` before import: how CI tests them).
-- ``native``: the C++ extension ``imm_kernels._C`` (CPU), when it was built.
-- ``auto``:   triton for CUDA tensors, native for CPU tensors when built, else torch.
+- ``native``: the C++ extension ``imm_kernels._C`` (CPU). Not part of the build
+  yet: requesting it raises `BackendUnavailableError` saying so.
+- ``auto``:   triton for CUDA tensors (group_size <= 32), else torch; once the
+  native backend exists, it takes CPU tensors here.
 
 The choice is made before any autograd node is recorded, so forward and
 backward always run on the same backend.
@@ -28,12 +30,7 @@ except ImportError as err:  # e.g. a platform without Triton wheels
     _triton_mmd = None
     _TRITON_MISSING = f"triton could not be imported ({err})"
 
-try:
-    from . import _C  # noqa: F401  (built by the native backend's setup step)
-
-    _NATIVE_MISSING = None
-except ImportError:
-    _NATIVE_MISSING = "the C++ extension imm_kernels._C is not built in this install"
+_NATIVE_MISSING = "the C++ extension imm_kernels._C is not part of this build yet"
 
 
 class BackendUnavailableError(RuntimeError):

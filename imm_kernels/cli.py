@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -57,8 +58,6 @@ def _accuracy_row(backend, device) -> str:
 
 def report(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    import importlib.util
-
     triton_version = "not installed"
     if importlib.util.find_spec("triton") is not None:
         import triton
