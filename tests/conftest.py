@@ -13,8 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import imm_kernels  # noqa: E402
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
