@@ -20,8 +20,3 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def device() -> str:
     return DEVICE
 
-
-requires_triton = pytest.mark.skipif(
-    imm_kernels.backends()["triton"] is not None,
-    reason=f"triton backend unavailable: {imm_kernels.backends()['triton']}",
-)
