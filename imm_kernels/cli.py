@@ -66,10 +66,11 @@ def report(args) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"imm_kernels report: torch {torch.__version__}, triton {triton_version}, device {name}")
     print("\nbackends:")
-    for backend, reason in backends().items():
+    availability = backends()
+    for backend, reason in availability.items():
         print(f"  {backend:<8} {'available' if reason is None else 'unavailable: ' + reason}")
 
-    usable = [b for b, reason in backends().items() if reason is None]
+    usable = [b for b, reason in availability.items() if reason is None]
     print("\naccuracy against float64 (B=24, M=4, D=257, fp32 inputs, loss and dL/dx):")
     for backend in usable:
         print(_accuracy_row(backend, device))

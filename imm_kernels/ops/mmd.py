@@ -21,6 +21,7 @@ so results are bitwise deterministic (no atomics).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -245,50 +246,63 @@ def _as_rows(t: Tensor) -> Tensor:
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 
-def _launch_forward(x, y, bandwidth, weight, group_size, eps):
-    x2, y2 = _as_rows(x), _as_rows(y)
-    batch, num_features = x2.shape
-    num_groups = batch // group_size
-    rows = padded_rows(group_size)
-    cdtype = compute_dtype(x.dtype)
-    out = dict(device=x.device, dtype=cdtype)
-    loss, mmd2, dmmd_db = (torch.empty(num_groups, **out) for _ in range(3))
-    sqdist = torch.empty((num_groups, rows, rows), **out)
-    bandwidth, weight = bandwidth.contiguous(), weight.contiguous()
+class _Launch(NamedTuple):
+    """What forward and backward launches share: row views and the grid geometry."""
 
-    block_d, num_warps = _tile_config(rows, num_features, cdtype)
+    x_rows: Tensor
+    y_rows: Tensor
+    num_groups: int
+    num_features: int
+    rows: int  # R
+    block_d: int
+    num_warps: int
+    num_splits: int
+    cols_per_split: int
+
+
+def _plan_launch(x: Tensor, y: Tensor, group_size: int) -> _Launch:
+    x_rows, y_rows = _as_rows(x), _as_rows(y)
+    batch, num_features = x_rows.shape
+    num_groups, rows = batch // group_size, padded_rows(group_size)
+    block_d, num_warps = _tile_config(rows, num_features, compute_dtype(x.dtype))
     num_splits, cols_per_split = _column_split(num_groups, num_features, block_d, x.device)
-    partial = torch.empty((num_groups, num_splits, rows, rows), **out) if num_splits > 1 else sqdist
+    return _Launch(x_rows, y_rows, num_groups, num_features, rows, block_d, num_warps, num_splits, cols_per_split)
+
+
+def _launch_forward(x, y, bandwidth, weight, group_size, eps):
+    plan = _plan_launch(x, y, group_size)
+    out = dict(device=x.device, dtype=compute_dtype(x.dtype))
+    loss, mmd2, dmmd_db = (torch.empty(plan.num_groups, **out) for _ in range(3))
+    sqdist = torch.empty((plan.num_groups, plan.rows, plan.rows), **out)
+    bandwidth, weight = bandwidth.contiguous(), weight.contiguous()
+    split = plan.num_splits > 1
+    partial = torch.empty((plan.num_groups, plan.num_splits, plan.rows, plan.rows), **out) if split else sqdist
     outputs = (loss, sqdist, mmd2, dmmd_db)
-    _mmd_fwd_kernel[(num_groups, num_splits)](
-        x2, y2, x2.stride(0), y2.stride(0), partial, bandwidth, weight, *outputs,
-        num_features, cols_per_split, eps,
-        M=group_size, R=rows, BLOCK_D=block_d, FINALIZE=num_splits == 1, num_warps=num_warps,
+    _mmd_fwd_kernel[(plan.num_groups, plan.num_splits)](
+        plan.x_rows, plan.y_rows, plan.x_rows.stride(0), plan.y_rows.stride(0), partial, bandwidth, weight,
+        *outputs, plan.num_features, plan.cols_per_split, eps,
+        M=group_size, R=plan.rows, BLOCK_D=plan.block_d, FINALIZE=not split, num_warps=plan.num_warps,
     )
-    if num_splits > 1:
-        _mmd_finalize_kernel[(num_groups,)](
-            partial, bandwidth, weight, *outputs, num_splits, num_features, eps, M=group_size, R=rows,
+    if split:
+        _mmd_finalize_kernel[(plan.num_groups,)](
+            partial, bandwidth, weight, *outputs, plan.num_splits, plan.num_features, eps, M=group_size, R=plan.rows,
         )
     return outputs
 
 
 def _launch_backward(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy):
-    x2, y2 = _as_rows(x), _as_rows(y)
-    batch, num_features = x2.shape
-    num_groups = batch // group_size
-    rows = padded_rows(group_size)
-    dx = torch.empty_like(x2, memory_format=torch.contiguous_format) if need_dx else x2.new_empty(0)
-    dy = torch.empty_like(y2, memory_format=torch.contiguous_format) if need_dy else y2.new_empty(0)
+    plan = _plan_launch(x, y, group_size)
+    dx = torch.empty_like(plan.x_rows, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    dy = torch.empty_like(plan.y_rows, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
     if not (need_dx or need_dy):
         return dx, dy
     grad_loss = grad_loss.to(sqdist.dtype)
-    block_d, num_warps = _tile_config(rows, num_features, sqdist.dtype)
-    num_splits, cols_per_split = _column_split(num_groups, num_features, block_d, x.device)
-    _mmd_bwd_kernel[(num_groups, num_splits)](
-        x2, y2, x2.stride(0), y2.stride(0), dx, dy, grad_loss, grad_loss.stride(0),
-        sqdist, bandwidth.contiguous(), weight.contiguous(), num_features, cols_per_split, eps,
-        M=group_size, R=rows, BLOCK_D=block_d, STORE_DX=need_dx, STORE_DY=need_dy,
-        num_warps=num_warps,
+    _mmd_bwd_kernel[(plan.num_groups, plan.num_splits)](
+        plan.x_rows, plan.y_rows, plan.x_rows.stride(0), plan.y_rows.stride(0), dx, dy,
+        grad_loss, grad_loss.stride(0), sqdist, bandwidth.contiguous(), weight.contiguous(),
+        plan.num_features, plan.cols_per_split, eps,
+        M=group_size, R=plan.rows, BLOCK_D=plan.block_d, STORE_DX=need_dx, STORE_DY=need_dy,
+        num_warps=plan.num_warps,
     )
     return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
 
