@@ -1,8 +1,9 @@
 """imm_kernels.mmd_loss against its PyTorch references: `pytest benchmarks/ --benchmark-only`.
 
 Providers: `eager` (the community formulation: three (G, M, M, D) broadcast
-differences), `compiled` (torch.compile of it), `cdist`, and `imm_kernels`
-(backend="auto", labelled with the backend it picked, e.g. imm_kernels[torch]).
+differences), `compiled` (torch.compile of it), `cdist`, and each fused backend
+that can run here: `imm_kernels[triton]` and `imm_kernels[cuda]` on a GPU,
+`imm_kernels[native]` on a CPU (Triton's CPU interpreter is not timed).
 Each case stores device time, GB/s against the byte floor, % of the measured
 copy bandwidth and peak extra memory in benchmark.extra_info; conftest.py
 prints them as a table and writes them to $IMM_BENCH_OUT.
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 import imm_kernels
-from imm_kernels.backends import resolve_mmd_backend
+from imm_kernels.backends import BackendUnavailableError, resolve_mmd_backend
 from imm_kernels.ops.reference import mmd_loss_cdist, mmd_loss_reference
 
 ON_CUDA = torch.cuda.is_available()
@@ -35,7 +36,8 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MODES = ("forward", "forward+backward")
-PROVIDERS = ("eager", "compiled", "cdist", "imm_kernels")
+FUSED_BACKENDS = ("triton", "cuda") if ON_CUDA else ("native",)
+PROVIDERS = ("eager", "compiled", "cdist", *(f"imm_kernels[{b}]" for b in FUSED_BACKENDS))
 BACKEND_OF_REFERENCE = {"eager": "torch", "compiled": "inductor", "cdist": "torch"}
 CPU_MEMORY_LIMIT_GIB = 8
 CPU_ROUNDS = 20  # pytest-benchmark rounds; on the CPU their median is the device time
@@ -76,6 +78,7 @@ CUDA_CASES = [
 ]
 # Small enough that the whole suite, torch.compile warm-ups included, takes minutes on 2 cores.
 CPU_CASES = [
+    Case(1024, 4, 3072, "float32"),  # the native backend's targets (issue 3)
     Case(256, 4, 768, "float32"),
     Case(256, 4, 768, "bfloat16"),
     Case(64, 8, 3072, "float32"),
@@ -121,7 +124,7 @@ def loss_function(provider: str, case: Case):
         return compiled_reference(case)
     if provider == "cdist":
         return mmd_loss_cdist
-    return functools.partial(imm_kernels.mmd_loss, backend="auto")
+    return functools.partial(imm_kernels.mmd_loss, backend=backend_of(provider, None, case))
 
 
 def make_step(provider: str, case: Case, mode: str, x, y, bandwidth):
@@ -138,9 +141,20 @@ def make_step(provider: str, case: Case, mode: str, x, y, bandwidth):
 
 
 def backend_of(provider: str, x, case: Case) -> str:
-    if provider == "imm_kernels":
-        return resolve_mmd_backend("auto", x, case.group_size)[0]
+    if provider.startswith("imm_kernels["):
+        return provider[len("imm_kernels[") : -1]
     return BACKEND_OF_REFERENCE[provider]
+
+
+def unavailable(backend: str, x, case: Case) -> str | None:
+    """Why a fused backend cannot time this case here, or None."""
+    if backend not in FUSED_BACKENDS:
+        return None
+    try:
+        resolve_mmd_backend(backend, x, case.group_size)
+    except BackendUnavailableError as err:
+        return str(err)
+    return None
 
 
 def estimated_cpu_gib(provider: str, backend: str, case: Case, mode: str) -> float:
@@ -250,9 +264,12 @@ def test_mmd_loss(benchmark, copy_bandwidth_gbps, record_result, case, mode, pro
         pytest.skip("pytest-benchmark is disabled")
     x, y, bandwidth = make_inputs(case, mode)
     backend = backend_of(provider, x, case)
+    reason = unavailable(backend, x, case)
+    if reason is not None:
+        pytest.skip(reason)
     info = benchmark.extra_info
     info.update(
-        provider=f"imm_kernels[{backend}]" if provider == "imm_kernels" else provider,
+        provider=provider,
         backend=backend, shape=case.shape, dtype=case.dtype, mode=mode, floor_bytes=case.floor_bytes(mode),
     )
     benchmark.group = f"{case.shape} {case.dtype} {mode}"

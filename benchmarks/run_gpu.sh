@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Tests, then benchmarks, on a CUDA machine from a plain checkout (installs nothing).
+# Build imm_kernels._C in place (C++ and CUDA), then tests, then benchmarks, on a CUDA
+# machine from a plain checkout (installs nothing).
 # Usage: bash benchmarks/run_gpu.sh   Output folder: $OUT, else bench-out/ (logs, JSON, markdown).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,14 @@ import torch, triton
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CUDA unavailable)"
 print(f"GPU: {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}")
 EOF
+
+# The extension against this machine's torch; its build time goes into the log.
+start=$(date +%s)
+python3 setup.py build_ext --inplace > "$out/build.log" 2>&1
+build_status=$?
+echo "build_ext --inplace: exit $build_status in $(( $(date +%s) - start )) s" | tee -a "$out/environment.txt"
+[ "$build_status" -ne 0 ] && tail -40 "$out/build.log"
+python3 -c "import imm_kernels; print(imm_kernels.backends())" | tee -a "$out/environment.txt"
 
 python3 -m pytest tests -q 2>&1 | tee "$out/tests.log"
 tests_status=$?

@@ -2,26 +2,56 @@
 
 Without a GPU the Triton backend runs in Triton's interpreter (see conftest.py),
 so shapes stay small but cover odd D, D not a multiple of the block, the split-D
-path (few groups) and M in {1, 2, 3, 4, 8, 16}.
+path (few groups) and M in {1, 2, 3, 4, 8, 16}. The native backend runs the same
+grid on CPU tensors; the CUDA backend, where built and a GPU is present, on CUDA
+tensors with M <= 8.
 """
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import imm_kernels
-import imm_kernels.ops.mmd
 from imm_kernels import BackendUnavailableError, mmd_loss
 from imm_kernels.ops import reference
 from imm_kernels.ops.reference import mmd_loss_reference
 
-TRITON_REASON = imm_kernels.backends()["triton"]
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")
-KERNEL_BACKENDS = [pytest.param("triton", marks=needs_triton)]
+from conftest import DEVICE
+
+REASONS = imm_kernels.backends()
+
+
+def _needs(backend):
+    reason = REASONS[backend]
+    return pytest.mark.skipif(reason is not None, reason=f"{backend} unavailable: {reason}")
+
+
+needs_triton, needs_native, needs_cuda = _needs("triton"), _needs("native"), _needs("cuda")
+KERNEL_BACKENDS = [
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("native", marks=needs_native),
+    pytest.param("cuda", marks=needs_cuda),
+]
 ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+CUDA_MAX_GROUP_SIZE = 8
+
+
+@pytest.fixture
+def device(request) -> str:
+    """The device a test's `backend` runs on: native is CPU-only, cuda CUDA-only."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    return {"native": "cpu", "cuda": "cuda"}.get(backend, DEVICE)
+
+
+def skip_beyond_cuda_limit(backend, group_size):
+    if backend == "cuda" and group_size > CUDA_MAX_GROUP_SIZE:
+        pytest.skip(f"the cuda backend takes group_size <= {CUDA_MAX_GROUP_SIZE}")
 
 
 def make_inputs(group_size, num_groups, num_features, dtype=torch.float32, device="cpu", seed=0):
@@ -115,6 +145,7 @@ PARITY_CASES = [
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("group_size,num_groups,num_features", PARITY_CASES)
 def test_fp32_parity_with_float64(backend, group_size, num_groups, num_features, device):
+    skip_beyond_cuda_limit(backend, group_size)
     x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, device=device, seed=num_features)
     loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
     ref_loss, ref_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
@@ -132,6 +163,7 @@ def test_fp32_parity_with_float64(backend, group_size, num_groups, num_features,
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("group_size,num_groups,num_features", [(3, 2, 37), (4, 1, 1001), (16, 1, 41)])
 def test_fp64_matches_reference_to_rounding(backend, group_size, num_groups, num_features, device):
+    skip_beyond_cuda_limit(backend, group_size)
     x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, torch.float64, device)
     loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
     ref_loss, ref_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
@@ -182,6 +214,7 @@ def test_scalar_bandwidth_tensor_gets_summed_gradient(backend, device):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("group_size,num_groups,num_features", [(1, 2, 5), (3, 2, 5), (4, 1, 19)])
 def test_gradcheck_float64(backend, group_size, num_groups, num_features, device):
+    skip_beyond_cuda_limit(backend, group_size)
     x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, torch.float64, device)
     inputs = [t.clone().requires_grad_(True) for t in (x, y, bandwidth, weight)]
 
@@ -414,34 +447,152 @@ def test_row_offsets_beyond_int32(backend, device):
 
 
 # ----------------------------------------------------------------------------
+# The native backend: thread-count independence, real B*D > 2^31, own guards
+# ----------------------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("num_groups,num_features", [(3, 20000), (100, 300)])
+def test_native_bitwise_equal_for_any_thread_count(num_groups, num_features):
+    """D split across tasks (3 groups, D = 20000) and many groups: 1 and 2 threads agree to the bit."""
+    x, y, bandwidth, weight = make_inputs(4, num_groups, num_features)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = loss_and_grads(x, y, 4, bandwidth, weight, "native", reduction="none")
+        torch.set_num_threads(2)
+        double = loss_and_grads(x, y, 4, bandwidth, weight, "native", reduction="none")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], double[0])
+    for a, b in zip(single[1], double[1]):
+        assert torch.equal(a, b)
+
+
+def _available_memory_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) / 2**20
+
+
+@needs_native
+def test_native_batch_beyond_int32_elements():
+    """A real (B, D) fp16 tensor with B*D > 2^31 elements (4 GiB; dx another 4 GiB).
+
+    Only the last two groups hold random values (the rest are constant rows, so
+    filling stays cheap); they sit past element 2^31 and must match the reference
+    computed on those groups alone.
+    """
+    group_size, num_features = 4, 2**16
+    batch = 2**31 // num_features + 2 * group_size
+    needed_gib = 2 * batch * num_features * 2 / 2**30 + 1
+    if not sys.platform.startswith("linux") or _available_memory_gib() < needed_gib:
+        pytest.skip(f"needs {needed_gib:.1f} GiB of free memory")
+    tail_x, tail_y, bandwidth, weight = make_inputs(group_size, 2, num_features, torch.float16, seed=7)
+    x = torch.full((batch, num_features), 0.25, dtype=torch.float16)
+    x[-2 * group_size :] = tail_x
+    y = tail_y[:1].expand(batch, num_features)  # stride-0 rows: no memory
+    y_tail = y[-2 * group_size :]
+    num_groups = batch // group_size
+    assert batch * num_features > 2**31
+    full_bandwidth = torch.cat([torch.ones(num_groups - 2), bandwidth.float()])
+    x.requires_grad_(True)
+    per_group = mmd_loss(x, y, group_size, full_bandwidth, reduction="none", backend="native")
+    (dx,) = torch.autograd.grad(per_group[-2:].sum(), x)
+    del x
+    ref_x = tail_x.clone().requires_grad_(True)
+    ref = mmd_loss(ref_x, y_tail, group_size, bandwidth.float(), reduction="none", backend="torch")
+    (ref_dx,) = torch.autograd.grad(ref.sum(), ref_x)
+    torch.testing.assert_close(per_group[-2:], ref, rtol=1e-5, atol=1e-6)
+    assert rel_err(dx[-2 * group_size :], ref_dx) < 1e-2  # fp16 gradients
+    assert not dx[: -2 * group_size].any()
+
+
+@needs_native
+def test_native_extension_guards_its_own_inputs():
+    """imm_kernels._C does not trust its caller: malformed tensors raise, never read out of bounds."""
+    from imm_kernels import _C
+
+    x, y, bandwidth, weight = make_inputs(2, 3, 8)
+    bandwidth, weight = bandwidth.float(), weight.float()
+    cases = [
+        ((x.t().contiguous().t(), y, bandwidth, weight, 2, 1e-8), "unit column stride"),
+        ((x, y[:, :4], bandwidth, weight, 2, 1e-8), "x and y must be"),
+        ((x, y, bandwidth, weight, 4, 1e-8), "group_size must divide B"),
+        ((x, y, bandwidth.double(), weight, 2, 1e-8), "bandwidth and weight must be contiguous"),
+        ((x, y, bandwidth[:2], weight, 2, 1e-8), "bandwidth and weight must be contiguous"),
+        ((x, y.double(), bandwidth, weight, 2, 1e-8), "share a dtype"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            _C.mmd_forward_cpu(*args)
+    _, sqdist, _, _ = _C.mmd_forward_cpu(x, y, bandwidth, weight, 2, 1e-8)
+    with pytest.raises(RuntimeError, match="sqdist must be"):
+        _C.mmd_backward_cpu(torch.ones(3), x, y, sqdist[:, :2], bandwidth, weight, 2, 1e-8, True, False)
+
+
+# ----------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------
 
 
 def test_backends_report():
     report = imm_kernels.backends()
-    assert set(report) == {"triton", "native", "torch"}
+    assert set(report) == {"triton", "native", "cuda", "torch"}
     assert report["torch"] is None
     assert all(reason is None or isinstance(reason, str) for reason in report.values())
 
 
-def test_native_backend_unavailable_is_explained():
-    if imm_kernels.backends()["native"] is None:
-        pytest.skip("native backend is built here")
+def test_pure_python_install_falls_back_to_the_reference():
+    """Without imm_kernels._C (IMM_KERNELS_BUILD_NATIVE=0), native says why and auto uses torch."""
+    code = (
+        "import sys; sys.modules['imm_kernels._C'] = None\n"  # makes `from . import _C` raise ImportError
+        "import torch, imm_kernels\n"
+        "from imm_kernels.backends import resolve_mmd_backend\n"
+        "x = torch.randn(4, 3)\n"
+        "print(imm_kernels.backends()['native'])\n"
+        "print(resolve_mmd_backend('auto', x, 2)[0], float(imm_kernels.mmd_loss(x, x + 1, 2)) > 0)\n"
+        "try:\n"
+        "    imm_kernels.mmd_loss(x, x, 2, backend='native')\n"
+        "except imm_kernels.BackendUnavailableError as err:\n"
+        "    print(err)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    reason, picked, error = run.stdout.strip().splitlines()
+    assert "imm_kernels._C is not built" in reason and "--no-build-isolation" in reason
+    assert picked == "torch True"
+    assert error.startswith("backend='native' is not available: the C++ extension imm_kernels._C")
+
+
+@needs_native
+def test_native_needs_cpu_tensors_and_cuda_explains_itself():
     x, y, *_ = make_inputs(2, 1, 4)
-    with pytest.raises(BackendUnavailableError, match="backend='native' is not available"):
-        mmd_loss(x, y, 2, backend="native")
+    if torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="backend='native' is not available: it runs on CPU"):
+            mmd_loss(x.cuda(), y.cuda(), 2, backend="native")
+    if REASONS["cuda"] is not None:
+        with pytest.raises(BackendUnavailableError, match="backend='cuda' is not available: "):
+            mmd_loss(x, y, 2, backend="cuda")
+
+
+@needs_cuda
+def test_cuda_rejects_too_large_group():
+    x = torch.randn(18, 3, device="cuda")
+    with pytest.raises(BackendUnavailableError, match="group_size=9 exceeds its limit of 8"):
+        mmd_loss(x, x, 9, backend="cuda")
 
 
 def test_auto_picks_by_device():
     from imm_kernels.backends import resolve_mmd_backend
 
     x, *_ = make_inputs(2, 1, 4)
-    expected_cpu = "native" if imm_kernels.backends()["native"] is None else "torch"
+    expected_cpu = "native" if REASONS["native"] is None else "torch"
     assert resolve_mmd_backend("auto", x, 2)[0] == expected_cpu
     if torch.cuda.is_available():
-        assert resolve_mmd_backend("auto", x.cuda(), 2)[0] == "triton"
-        assert resolve_mmd_backend("auto", x.cuda(), 33)[0] == "torch"  # beyond the kernel's M limit
+        fused_gpu = "triton" if REASONS["triton"] is None else "cuda" if REASONS["cuda"] is None else "torch"
+        assert resolve_mmd_backend("auto", x.cuda(), 2)[0] == fused_gpu
+        assert resolve_mmd_backend("auto", x.cuda(), 33)[0] == "torch"  # beyond every kernel's M limit
 
 
 @needs_triton
@@ -572,13 +723,39 @@ def test_kernels_compile_for_sm90_without_spills():
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
+    import imm_kernels.ops.mmd_triton
+
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "ptxas_report.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default until 3.10; set to silence its warning
     run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
-    assert len(rows) == 3 * sum(len(table) for table in imm_kernels.ops.mmd._TILE_CONFIG.values())
+    assert len(rows) == 3 * sum(len(table) for table in imm_kernels.ops.mmd_triton._TILE_CONFIG.values())
     for row in rows:
         if row["dtype"] != "fp64" or row["R"] <= 16:
             assert row["stack_bytes"] == 0, row
+
+
+def test_cuda_kernels_compile_for_sm90():
+    """csrc/mmd_cuda.cu compiles for Hopper with nvcc (no GPU needed); fp32 kernels never spill.
+
+    The CUDA backend cannot run on a CPU machine, so this is what CI can check of it.
+    """
+    import json
+    import pathlib
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "nvcc_report.py"
+    run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(run.stdout)
+    kernels = {(r["kernel"], r["dtype"], r["max_m"]) for r in rows}
+    for dtype in ("float", "double", "Half", "BFloat16"):
+        for max_m in (1, 2, 4, 8):
+            assert {("forward", dtype, max_m), ("backward", dtype, max_m)} <= kernels
+    for row in rows:
+        if row["dtype"] == "float":
+            assert row["spill_bytes"] == 0, row

@@ -1,242 +1,58 @@
-"""Grouped Laplace-kernel MMD: Triton kernels, launchers, custom ops and autograd.
+"""Grouped Laplace-kernel MMD: the op every fused backend shares.
 
-Per group g, z = [x_g; y_g] stacks its M rows of x over its M rows of y (2M rows,
-sign sigma = +1 for x and -1 for y). With S_ij = ||z_i - z_j||^2,
-d_ij = max(sqrt(S_ij), eps) and k_ij = exp(-b * d_ij / D):
+Two `torch.library` custom ops (with fake implementations, so they work under
+`torch.compile`) and one autograd formula; a `backend` argument picks the
+kernels: `triton` (ops/mmd_triton.py), `native` (C++ in csrc/, CPU) or `cuda`
+(CUDA C++ in csrc/). Each backend registers an `MMDKernels` here (see
+`imm_kernels.backends`); the op itself knows nothing backend-specific.
 
-    forward   loss_g = w * (1/M^2) sum_ij sigma_i sigma_j k_ij
-    backward  dz_i   = sum_j A_ij (z_i - z_j),
-              A_ij   = -(2 w b g_out / (M^2 D)) sigma_i sigma_j k_ij / d_ij   (0 where d_ij <= eps)
-
-The forward reads x and y once and keeps only S (a (2M)x(2M) matrix per group,
-padded to R = next_pow2(2M)) for the backward, which reads x and y once more
-and writes dx (and dy). Both use direct differences, never the Gram expansion
-||a||^2 + ||b||^2 - 2 a.b, which cancels when a group's outputs converge.
-
-When the groups alone cannot fill the GPU, the D axis is split across programs:
-each writes its partial S to a buffer that a second kernel sums in a fixed order,
-so results are bitwise deterministic (no atomics).
+Forward: (loss_g, S, MMD^2_g, dMMD^2_g/db) with S_ij = ||z_i - z_j||^2 over each
+group's stacked z = [x_g; y_g]. Only S (a few KB per group) and the two
+per-group scalars are saved; the backward reads x and y once more.
+Gradients for bandwidth and weight follow from the saved scalars:
+dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from .reference import compute_dtype
 
-MAX_GROUP_SIZE = 32
-# Triton decides at decoration time whether kernels run in its CPU interpreter.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# ----------------------------------------------------------------------------
-# Triton kernels
-# ----------------------------------------------------------------------------
+class MMDKernels(NamedTuple):
+    """One backend's kernels; both take (B, D) row views with unit column stride.
 
-
-@triton.jit
-def _laplace_terms(sqdist, bandwidth, eps, num_features):
-    """(close, d, k) from squared distances; `close` marks pairs with ||.|| <= eps.
-
-    Written so that NaN survives: `sqdist <= eps^2` is False for NaN.
+    forward(x_rows, y_rows, bandwidth, weight, group_size, eps) -> (loss_g, S, MMD^2_g, dMMD^2_g/db)
+    backward(grad_loss, x_rows, y_rows, S, bandwidth, weight, group_size, eps, need_dx, need_dy)
+        -> (dx, dy), contiguous (B, D), an empty tensor where not asked for
+    saved_rows(group_size) -> the side of the saved (G, rows, rows) S
+    bandwidth, weight and grad_loss arrive as (G,) tensors of the compute dtype;
+    bandwidth and weight contiguous, grad_loss possibly stride-0.
     """
-    close = sqdist <= eps * eps
-    dist = tl.where(close, eps, tl.sqrt(tl.where(close, 1.0, sqdist)))
-    kern = tl.exp(-bandwidth * dist / num_features)
-    return close, dist, kern
+
+    forward: Callable
+    backward: Callable
+    saved_rows: Callable[[int], int]
 
 
-@triton.jit
-def _group_rows(group, M: tl.constexpr, R: tl.constexpr):
-    """Rows of z = [x_g; y_g]: (index, is_x, is_y, row of x, row of y), rows as int64.
-
-    int64 because row * stride passes 2^31 once B * D does.
-    """
-    rows = tl.arange(0, R)
-    is_x = rows < M
-    is_y = (rows >= M) & (rows < 2 * M)
-    x_rows = (group * M + rows).to(tl.int64)
-    return rows, is_x, is_y, x_rows, x_rows - M
+_KERNELS: dict[str, MMDKernels] = {}
 
 
-@triton.jit
-def _group_tile(x_rows, y_rows, is_x, is_y, cols, in_d, OUT_DTYPE: tl.constexpr):
-    """The (R, BLOCK_D) tile of z = [x_g; y_g] at columns `cols`; padded rows read 0."""
-    zx = tl.load(x_rows[:, None] + cols[None, :], mask=is_x[:, None] & in_d[None, :], other=0.0)
-    zy = tl.load(y_rows[:, None] + cols[None, :], mask=is_y[:, None] & in_d[None, :], other=0.0)
-    return tl.where(is_x[:, None], zx, zy).to(OUT_DTYPE)
+def register_kernels(backend: str, kernels: MMDKernels) -> None:
+    _KERNELS[backend] = kernels
 
 
-@triton.jit
-def _signed_pairs(rows, M: tl.constexpr):
-    """sigma_i sigma_j over the real 2M x 2M block, 0 on padding."""
-    sign = tl.where(rows < M, 1.0, -1.0)
-    real = rows < 2 * M
-    return tl.where(real[:, None] & real[None, :], sign[:, None] * sign[None, :], 0.0)
+def stacked_rows(group_size: int) -> int:
+    """2M: the side of S for backends that save it unpadded."""
+    return 2 * group_size
 
 
-@triton.jit
-def _finalize_group(
-    group, sqdist, bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-    num_features, eps, M: tl.constexpr, R: tl.constexpr,
-):
-    """From a group's summed S: store S, MMD^2, dMMD^2/db and the weighted loss."""
-    rows = tl.arange(0, R)
-    tl.store(sqdist_ptr + group.to(tl.int64) * (R * R) + rows[:, None] * R + rows[None, :], sqdist)
-    bandwidth = tl.load(bandwidth_ptr + group)
-    weight = tl.load(weight_ptr + group)
-    _, dist, kern = _laplace_terms(sqdist, bandwidth, eps, num_features)
-    signed_kern = _signed_pairs(rows, M) * kern
-    mmd2 = tl.sum(tl.sum(signed_kern, axis=1), axis=0) / (M * M)
-    dmmd_db = -tl.sum(tl.sum(signed_kern * dist, axis=1), axis=0) / (M * M) / num_features
-    tl.store(mmd2_ptr + group, mmd2)
-    tl.store(dmmd_db_ptr + group, dmmd_db)
-    tl.store(loss_ptr + group, weight * mmd2)
-
-
-@triton.jit
-def _mmd_fwd_kernel(
-    x_ptr, y_ptr, stride_x, stride_y,
-    partial_ptr,  # (G, SPLIT, R, R) partial S; unused when FINALIZE
-    bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-    num_features, cols_per_split, eps,
-    M: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, FINALIZE: tl.constexpr,
-):
-    """Program (group, split): S over its column range; finalizes in place when unsplit."""
-    group = tl.program_id(0)
-    split = tl.program_id(1)
-    cdtype = sqdist_ptr.dtype.element_ty
-    rows, is_x, is_y, x_rows, y_rows = _group_rows(group, M, R)
-    x_src = x_ptr + x_rows * stride_x
-    y_src = y_ptr + y_rows * stride_y
-
-    col_start = split * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, num_features)
-    sqdist = tl.zeros((R, R), dtype=cdtype)
-    for block_start in range(col_start, col_end, BLOCK_D):
-        cols = block_start + tl.arange(0, BLOCK_D)
-        z = _group_tile(x_src, y_src, is_x, is_y, cols, cols < col_end, cdtype)
-        diff = z[:, None, :] - z[None, :, :]
-        sqdist += tl.sum(diff * diff, axis=2)
-
-    if FINALIZE:
-        _finalize_group(
-            group, sqdist, bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-            num_features, eps, M, R,
-        )
-    else:
-        num_splits = tl.num_programs(1)
-        tile = partial_ptr + (group * num_splits + split).to(tl.int64) * (R * R)
-        tl.store(tile + rows[:, None] * R + rows[None, :], sqdist)
-
-
-@triton.jit
-def _mmd_finalize_kernel(
-    partial_ptr, bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-    num_splits, num_features, eps, M: tl.constexpr, R: tl.constexpr,
-):
-    """Sums a group's partial S in split order (deterministic), then finalizes."""
-    group = tl.program_id(0)
-    rows = tl.arange(0, R)
-    tiles = partial_ptr + group.to(tl.int64) * num_splits * (R * R) + rows[:, None] * R + rows[None, :]
-    sqdist = tl.zeros((R, R), dtype=sqdist_ptr.dtype.element_ty)
-    for split in range(0, num_splits):
-        sqdist += tl.load(tiles + split * (R * R))
-    _finalize_group(
-        group, sqdist, bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-        num_features, eps, M, R,
-    )
-
-
-@triton.jit
-def _mmd_bwd_kernel(
-    x_ptr, y_ptr, stride_x, stride_y,
-    dx_ptr, dy_ptr,  # contiguous (B, D)
-    grad_ptr, stride_grad,  # grad of loss_g; stride 0 when expanded from a mean
-    sqdist_ptr, bandwidth_ptr, weight_ptr,
-    num_features, cols_per_split, eps,
-    M: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-    STORE_DX: tl.constexpr, STORE_DY: tl.constexpr,
-):
-    """Program (group, split): dz = A (.) (z_i - z_j) summed over j, on its column range."""
-    group = tl.program_id(0)
-    split = tl.program_id(1)
-    cdtype = sqdist_ptr.dtype.element_ty
-    rows, is_x, is_y, x_rows, y_rows = _group_rows(group, M, R)
-
-    sqdist = tl.load(sqdist_ptr + group.to(tl.int64) * (R * R) + rows[:, None] * R + rows[None, :])
-    bandwidth = tl.load(bandwidth_ptr + group)
-    weight = tl.load(weight_ptr + group)
-    grad = tl.load(grad_ptr + group.to(tl.int64) * stride_grad).to(cdtype)
-    close, dist, kern = _laplace_terms(sqdist, bandwidth, eps, num_features)
-    scale = -2.0 * grad * weight * bandwidth / (M * M) / num_features
-    coeff = tl.where(close, 0.0, scale * _signed_pairs(rows, M) * kern / dist)
-
-    x_src = x_ptr + x_rows * stride_x
-    y_src = y_ptr + y_rows * stride_y
-    col_start = split * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, num_features)
-    for block_start in range(col_start, col_end, BLOCK_D):
-        cols = block_start + tl.arange(0, BLOCK_D)
-        in_d = cols < col_end
-        z = _group_tile(x_src, y_src, is_x, is_y, cols, in_d, cdtype)
-        dz = tl.sum(coeff[:, :, None] * (z[:, None, :] - z[None, :, :]), axis=1)
-        if STORE_DX:
-            dst = dx_ptr + x_rows[:, None] * num_features + cols[None, :]
-            tl.store(dst, dz.to(dx_ptr.dtype.element_ty), mask=is_x[:, None] & in_d[None, :])
-        if STORE_DY:
-            dst = dy_ptr + y_rows[:, None] * num_features + cols[None, :]
-            tl.store(dst, dz.to(dy_ptr.dtype.element_ty), mask=is_y[:, None] & in_d[None, :])
-
-
-# ----------------------------------------------------------------------------
-# Host launchers
-# ----------------------------------------------------------------------------
-
-
-def padded_rows(group_size: int) -> int:
-    """R: the stacked group's 2M rows rounded up to a power of two."""
-    return triton.next_power_of_2(2 * group_size)
-
-
-# (BLOCK_D, num_warps) per padded row count R, for 4-byte and 8-byte compute. The
-# (R, R, BLOCK_D) difference tile lives in registers: each entry is the widest
-# block whose forward and backward compile for sm_90 without spilling (ptxas
-# resource report; fp64 at R=64 spills least with this choice). GPU timing of
-# the alternatives is still to be done.
-_TILE_CONFIG = {
-    False: {2: (512, 4), 4: (512, 4), 8: (256, 4), 16: (64, 8), 32: (32, 16), 64: (8, 8)},
-    True: {2: (256, 4), 4: (256, 4), 8: (128, 8), 16: (32, 8), 32: (8, 16), 64: (4, 8)},
-}
-
-
-def _tile_config(rows: int, num_features: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_D, num_warps), the block no wider than D needs."""
-    block_d, num_warps = _TILE_CONFIG[dtype == torch.float64][rows]
-    return min(block_d, max(16, triton.next_power_of_2(num_features))), num_warps
-
-
-def target_programs(device: torch.device) -> int:
-    """How many programs fill the device; fewer groups than this split the D axis."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: small, so that CPU tests exercise the split path too
-
-
-def _column_split(num_groups: int, num_features: int, block_d: int, device) -> tuple[int, int]:
-    """(number of splits, columns per split), a whole number of blocks per split."""
-    num_blocks = triton.cdiv(num_features, block_d)
-    wanted = triton.cdiv(target_programs(device), num_groups)
-    blocks_per_split = triton.cdiv(num_blocks, max(1, min(num_blocks, wanted)))
-    return triton.cdiv(num_blocks, blocks_per_split), blocks_per_split * block_d
-
-
-def _as_rows(t: Tensor) -> Tensor:
+def as_rows(t: Tensor) -> Tensor:
     """(B, *feature) -> (B, D) with unit column stride; a view whenever possible.
 
     Any row stride works (chunked views, stride-0 expanded rows); only a
@@ -246,83 +62,19 @@ def _as_rows(t: Tensor) -> Tensor:
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 
-class _Launch(NamedTuple):
-    """What forward and backward launches share: row views and the grid geometry."""
-
-    x_rows: Tensor
-    y_rows: Tensor
-    num_groups: int
-    num_features: int
-    rows: int  # R
-    block_d: int
-    num_warps: int
-    num_splits: int
-    cols_per_split: int
-
-
-def _plan_launch(x: Tensor, y: Tensor, group_size: int) -> _Launch:
-    x_rows, y_rows = _as_rows(x), _as_rows(y)
-    batch, num_features = x_rows.shape
-    num_groups, rows = batch // group_size, padded_rows(group_size)
-    block_d, num_warps = _tile_config(rows, num_features, compute_dtype(x.dtype))
-    num_splits, cols_per_split = _column_split(num_groups, num_features, block_d, x.device)
-    return _Launch(x_rows, y_rows, num_groups, num_features, rows, block_d, num_warps, num_splits, cols_per_split)
-
-
-def _launch_forward(x, y, bandwidth, weight, group_size, eps):
-    plan = _plan_launch(x, y, group_size)
-    out = dict(device=x.device, dtype=compute_dtype(x.dtype))
-    loss, mmd2, dmmd_db = (torch.empty(plan.num_groups, **out) for _ in range(3))
-    sqdist = torch.empty((plan.num_groups, plan.rows, plan.rows), **out)
-    bandwidth, weight = bandwidth.contiguous(), weight.contiguous()
-    split = plan.num_splits > 1
-    partial = torch.empty((plan.num_groups, plan.num_splits, plan.rows, plan.rows), **out) if split else sqdist
-    outputs = (loss, sqdist, mmd2, dmmd_db)
-    _mmd_fwd_kernel[(plan.num_groups, plan.num_splits)](
-        plan.x_rows, plan.y_rows, plan.x_rows.stride(0), plan.y_rows.stride(0), partial, bandwidth, weight,
-        *outputs, plan.num_features, plan.cols_per_split, eps,
-        M=group_size, R=plan.rows, BLOCK_D=plan.block_d, FINALIZE=not split, num_warps=plan.num_warps,
-    )
-    if split:
-        _mmd_finalize_kernel[(plan.num_groups,)](
-            partial, bandwidth, weight, *outputs, plan.num_splits, plan.num_features, eps, M=group_size, R=plan.rows,
-        )
-    return outputs
-
-
-def _launch_backward(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy):
-    plan = _plan_launch(x, y, group_size)
-    dx = torch.empty_like(plan.x_rows, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
-    dy = torch.empty_like(plan.y_rows, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
-    if not (need_dx or need_dy):
-        return dx, dy
-    grad_loss = grad_loss.to(sqdist.dtype)
-    _mmd_bwd_kernel[(plan.num_groups, plan.num_splits)](
-        plan.x_rows, plan.y_rows, plan.x_rows.stride(0), plan.y_rows.stride(0), dx, dy,
-        grad_loss, grad_loss.stride(0), sqdist, bandwidth.contiguous(), weight.contiguous(),
-        plan.num_features, plan.cols_per_split, eps,
-        M=group_size, R=plan.rows, BLOCK_D=plan.block_d, STORE_DX=need_dx, STORE_DY=need_dy,
-        num_warps=plan.num_warps,
-    )
-    return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
-
-
-# ----------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile, with fake implementations) and autograd
-# ----------------------------------------------------------------------------
-
-
 @torch.library.custom_op("imm_kernels::mmd_forward", mutates_args=())
 def mmd_forward(
-    x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float
+    x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (loss_g, S, MMD^2_g, dMMD^2_g/db): the last three are saved for the backward."""
-    return _launch_forward(x, y, bandwidth, weight, group_size, eps)
+    return _KERNELS[backend].forward(
+        as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps
+    )
 
 
 @mmd_forward.register_fake
-def _(x, y, bandwidth, weight, group_size, eps):
-    num_groups, rows = x.shape[0] // group_size, padded_rows(group_size)
+def _(x, y, bandwidth, weight, group_size, eps, backend):
+    num_groups, rows = x.shape[0] // group_size, _KERNELS[backend].saved_rows(group_size)
     cdtype = compute_dtype(x.dtype)
     per_group = [x.new_empty(num_groups, dtype=cdtype) for _ in range(3)]
     return per_group[0], x.new_empty((num_groups, rows, rows), dtype=cdtype), per_group[1], per_group[2]
@@ -331,32 +83,36 @@ def _(x, y, bandwidth, weight, group_size, eps):
 @torch.library.custom_op("imm_kernels::mmd_backward", mutates_args=())
 def mmd_backward(
     grad_loss: Tensor, x: Tensor, y: Tensor, sqdist: Tensor, bandwidth: Tensor, weight: Tensor,
-    group_size: int, eps: float, need_dx: bool, need_dy: bool,
+    group_size: int, eps: float, need_dx: bool, need_dy: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """-> (dx, dy); an empty tensor stands for a gradient that was not asked for."""
-    return _launch_backward(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy)
+    """-> (dx, dy) shaped like x and y; an empty tensor stands for a gradient not asked for."""
+    dx, dy = _KERNELS[backend].backward(
+        grad_loss.to(sqdist.dtype), as_rows(x), as_rows(y), sqdist, bandwidth.contiguous(), weight.contiguous(),
+        group_size, eps, need_dx, need_dy,
+    )
+    return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
 
 
 @mmd_backward.register_fake
-def _(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy):
+def _(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy, backend):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
     return dx, dy
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, bandwidth, weight, group_size, eps = inputs
+    x, y, bandwidth, weight, group_size, eps, backend = inputs
     _, sqdist, mmd2, dmmd_db = output
     ctx.mark_non_differentiable(sqdist, mmd2, dmmd_db)
     ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
-    ctx.group_size, ctx.eps = group_size, eps
+    ctx.group_size, ctx.eps, ctx.backend = group_size, eps, backend
 
 
 def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
     x, y, sqdist, bandwidth, weight, mmd2, dmmd_db = ctx.saved_tensors
     need_dx, need_dy, need_db, need_dw = ctx.needs_input_grad[:4]
     dx, dy = mmd_backward(
-        grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy
+        grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
     )
     return (
         dx if need_dx else None,
@@ -365,14 +121,15 @@ def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
         grad_loss * mmd2 if need_dw else None,
         None,
         None,
+        None,
     )
 
 
 mmd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_mmd_triton(
-    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float
+def grouped_mmd(
+    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float, *, backend: str
 ) -> Tensor:
-    """weight_g * MMD^2_g per group through the fused kernels (same contract as the reference)."""
-    return mmd_forward(x, y, bandwidth, weight, group_size, float(eps))[0]
+    """weight_g * MMD^2_g per group through `backend`'s kernels (the reference's contract)."""
+    return mmd_forward(x, y, bandwidth, weight, group_size, float(eps), backend)[0]

@@ -1,0 +1,331 @@
+// Grouped Laplace-kernel MMD on the CPU (see mmd.h for the mathematics).
+//
+// Work is split into tasks (group, column split). A task copies a block of its
+// group's 2M rows into a small buffer in the compute dtype (converting fp16/bf16,
+// zero-padding the tail), then runs loops over the block's columns that carry
+// lanes of independent accumulators, which the compiler turns into vector code
+// without reassociating anything. The hot loops are compiled for AVX-512, AVX2
+// and baseline x86-64 and picked at load time (GCC target_clones); with
+// -ffp-contract=off every clone rounds alike. The number of splits depends only
+// on (G, D), and partial sums are added in a fixed order, so results are bitwise
+// the same for any thread count. Nothing (2M)x(2M)xD is ever allocated.
+#include "mmd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace imm_kernels {
+namespace {
+
+// Independent accumulators per pair: 128 bytes, two AVX-512 or four AVX2 registers.
+template <typename acc_t>
+constexpr int64_t kLanes = 128 / sizeof(acc_t);
+constexpr int64_t kBlockBytes = 16384;  // one block of the group's rows stays in L1
+constexpr int64_t kTargetTasks = 64;    // fewer groups than this split D (fixed, not the thread count)
+constexpr int64_t kMinSplitColumns = 4096;
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Geometry of one call, shared by forward and backward so that both split alike.
+struct Plan {
+  int64_t num_groups, group_size, rows, num_features;
+  int64_t num_splits, cols_per_split, block_cols;
+
+  Plan(int64_t batch, int64_t group_size_, int64_t num_features_, int64_t acc_bytes)
+      : num_groups(batch / group_size_), group_size(group_size_), rows(2 * group_size_),
+        num_features(num_features_) {
+    const int64_t lanes = 128 / acc_bytes;
+    block_cols = std::clamp<int64_t>(kBlockBytes / (rows * acc_bytes) / lanes * lanes, lanes, 1024);
+    const int64_t wanted = (kTargetTasks + num_groups - 1) / num_groups;
+    num_splits = std::max<int64_t>(1, std::min(wanted, num_features / kMinSplitColumns));
+    cols_per_split = round_up((num_features + num_splits - 1) / num_splits, block_cols);
+    num_splits = (num_features + cols_per_split - 1) / cols_per_split;
+  }
+};
+
+// Row r of group g's stacked z = [x_g; y_g].
+template <typename scalar_t>
+struct GroupRows {
+  const scalar_t* x;
+  const scalar_t* y;
+  int64_t stride_x, stride_y, group_size;
+
+  const scalar_t* row(int64_t group, int64_t r) const {
+    return r < group_size ? x + (group * group_size + r) * stride_x
+                          : y + (group * group_size + r - group_size) * stride_y;
+  }
+};
+
+// Copies columns [col, col + n) of every row into buf (row pitch `pitch`), zero-padding to `padded`.
+template <typename scalar_t, typename acc_t>
+void load_block(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int64_t col, int64_t n,
+                int64_t padded, int64_t pitch, acc_t* buf) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* in = src.row(group, r) + col;
+    acc_t* out = buf + r * pitch;
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<acc_t>(in[c]);
+    std::fill(out + n, out + padded, acc_t(0));
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define IMM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define IMM_INLINE inline __attribute__((always_inline))
+#else
+#define IMM_VECTOR_CLONES
+#define IMM_INLINE inline
+#endif
+
+// sq[i, j] += sum_c (z_i,c - z_j,c)^2 for i <= j over one block of `padded` columns
+// (a multiple of the lane count); lanes are summed pairwise, in a fixed order.
+template <typename acc_t>
+IMM_INLINE void add_block_sqdist(const acc_t* buf, int64_t rows, int64_t pitch, int64_t padded, acc_t* sq) {
+  constexpr int64_t lanes_n = kLanes<acc_t>;
+  for (int64_t i = 0; i < rows; ++i) {
+    // The diagonal too: it is 0 for finite rows and NaN for rows holding Inf/NaN.
+    for (int64_t j = i; j < rows; ++j) {
+      const acc_t* a = buf + i * pitch;
+      const acc_t* b = buf + j * pitch;
+      acc_t lanes[lanes_n] = {};
+      for (int64_t c = 0; c < padded; c += lanes_n) {
+        for (int64_t l = 0; l < lanes_n; ++l) {
+          const acc_t diff = a[c + l] - b[c + l];
+          lanes[l] += diff * diff;
+        }
+      }
+      for (int64_t width = lanes_n / 2; width > 0; width /= 2) {
+        for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      }
+      sq[i * rows + j] += lanes[0];
+    }
+  }
+}
+
+IMM_VECTOR_CLONES void add_block_sqdist_vec(const float* buf, int64_t rows, int64_t pitch, int64_t padded,
+                                            float* sq) {
+  add_block_sqdist(buf, rows, pitch, padded, sq);
+}
+IMM_VECTOR_CLONES void add_block_sqdist_vec(const double* buf, int64_t rows, int64_t pitch, int64_t padded,
+                                            double* sq) {
+  add_block_sqdist(buf, rows, pitch, padded, sq);
+}
+
+// out_c = sum_j coeff_j (z_i,c - z_j,c): direct differences, exact when rows converge.
+template <typename acc_t>
+IMM_INLINE void apply_coefficients(const acc_t* coeff, const acc_t* buf, int64_t i, int64_t rows, int64_t pitch,
+                                   int64_t padded, acc_t* out) {
+  std::fill(out, out + padded, acc_t(0));
+  const acc_t* zi = buf + i * pitch;
+  for (int64_t j = 0; j < rows; ++j) {
+    const acc_t a = coeff[j];
+    const acc_t* zj = buf + j * pitch;
+    for (int64_t c = 0; c < padded; ++c) out[c] += a * (zi[c] - zj[c]);
+  }
+}
+
+IMM_VECTOR_CLONES void apply_coefficients_vec(const float* coeff, const float* buf, int64_t i, int64_t rows,
+                                              int64_t pitch, int64_t padded, float* out) {
+  apply_coefficients(coeff, buf, i, rows, pitch, padded, out);
+}
+IMM_VECTOR_CLONES void apply_coefficients_vec(const double* coeff, const double* buf, int64_t i, int64_t rows,
+                                              int64_t pitch, int64_t padded, double* out) {
+  apply_coefficients(coeff, buf, i, rows, pitch, padded, out);
+}
+
+// (close, d, k) of one pair, NaN-preserving: `s <= eps^2` is false for NaN.
+template <typename acc_t>
+struct LaplaceTerms {
+  bool close;
+  acc_t dist, kern;
+
+  LaplaceTerms(acc_t sqdist, acc_t bandwidth, acc_t eps, acc_t num_features) {
+    close = sqdist <= eps * eps;
+    dist = close ? eps : std::sqrt(sqdist);
+    kern = std::exp(-bandwidth * dist / num_features);
+  }
+};
+
+template <typename acc_t>
+acc_t pair_sign(int64_t i, int64_t j, int64_t group_size) {
+  return (i < group_size) == (j < group_size) ? acc_t(1) : acc_t(-1);
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
+                    const Plan& plan, double eps, at::Tensor& loss, at::Tensor& sqdist, at::Tensor& mmd2,
+                    at::Tensor& dmmd_db) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GroupRows<scalar_t> src{x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.stride(0), y.stride(0),
+                                plan.group_size};
+  const int64_t rows = plan.rows, tile = rows * rows;
+  // Partial S per (group, split); the unsplit case writes S in place.
+  at::Tensor partial = plan.num_splits == 1
+                           ? sqdist
+                           : at::empty({plan.num_groups, plan.num_splits, rows, rows}, sqdist.options());
+  acc_t* partial_ptr = partial.data_ptr<acc_t>();
+
+  at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(rows * plan.block_cols);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
+      const int64_t col_end = std::min(plan.num_features, (split + 1) * plan.cols_per_split);
+      acc_t* sq = partial_ptr + task * tile;
+      std::fill(sq, sq + tile, acc_t(0));
+      for (int64_t col = split * plan.cols_per_split; col < col_end; col += plan.block_cols) {
+        const int64_t n = std::min(plan.block_cols, col_end - col), padded = round_up(n, kLanes<acc_t>);
+        load_block(src, group, rows, col, n, padded, plan.block_cols, buf.data());
+        add_block_sqdist_vec(buf.data(), rows, plan.block_cols, padded, sq);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < i; ++j) sq[i * rows + j] = sq[j * rows + i];
+      }
+    }
+  });
+
+  acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
+  const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
+  const acc_t* weight_ptr = weight.data_ptr<acc_t>();
+  acc_t* loss_ptr = loss.data_ptr<acc_t>();
+  acc_t* mmd2_ptr = mmd2.data_ptr<acc_t>();
+  acc_t* dmmd_db_ptr = dmmd_db.data_ptr<acc_t>();
+  const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
+  const acc_t pairs = static_cast<acc_t>(plan.group_size * plan.group_size);
+
+  at::parallel_for(0, plan.num_groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      acc_t* sq = sqdist_ptr + group * tile;
+      if (plan.num_splits > 1) {  // sum the partials in split order
+        const acc_t* parts = partial_ptr + group * plan.num_splits * tile;
+        std::copy(parts, parts + tile, sq);
+        for (int64_t split = 1; split < plan.num_splits; ++split) {
+          for (int64_t e = 0; e < tile; ++e) sq[e] += parts[split * tile + e];
+        }
+      }
+      acc_t sum_kern = 0, sum_kern_dist = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < rows; ++j) {
+          const LaplaceTerms<acc_t> terms(sq[i * rows + j], bandwidth_ptr[group], eps_c, features);
+          const acc_t signed_kern = pair_sign<acc_t>(i, j, plan.group_size) * terms.kern;
+          sum_kern += signed_kern;
+          sum_kern_dist += signed_kern * terms.dist;
+        }
+      }
+      mmd2_ptr[group] = sum_kern / pairs;
+      dmmd_db_ptr[group] = -sum_kern_dist / pairs / features;
+      loss_ptr[group] = weight_ptr[group] * mmd2_ptr[group];
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
+                     const at::Tensor& bandwidth, const at::Tensor& weight, const Plan& plan, double eps,
+                     at::Tensor& dx, at::Tensor& dy, bool need_dx, bool need_dy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GroupRows<scalar_t> src{x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.stride(0), y.stride(0),
+                                plan.group_size};
+  const int64_t rows = plan.rows, group_size = plan.group_size, num_features = plan.num_features;
+  const acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
+  const acc_t* grad_ptr = grad_loss.data_ptr<acc_t>();
+  const int64_t grad_stride = grad_loss.stride(0);
+  const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
+  const acc_t* weight_ptr = weight.data_ptr<acc_t>();
+  scalar_t* dx_ptr = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dy_ptr = need_dy ? dy.data_ptr<scalar_t>() : nullptr;
+  const int64_t first_row = need_dx ? 0 : group_size, last_row = need_dy ? rows : group_size;
+  const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(num_features);
+  const acc_t pairs = static_cast<acc_t>(group_size * group_size);
+
+  at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(rows * plan.block_cols), out(plan.block_cols), coeff(rows * rows);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
+      const acc_t bandwidth_g = bandwidth_ptr[group];
+      const acc_t scale = acc_t(-2) * grad_ptr[group * grad_stride] * weight_ptr[group] * bandwidth_g / pairs /
+                          features;
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < rows; ++j) {
+          const LaplaceTerms<acc_t> terms(sqdist_ptr[group * rows * rows + i * rows + j], bandwidth_g, eps_c,
+                                          features);
+          coeff[i * rows + j] =
+              terms.close ? acc_t(0) : scale * pair_sign<acc_t>(i, j, group_size) * terms.kern / terms.dist;
+        }
+      }
+      const int64_t col_end = std::min(num_features, (split + 1) * plan.cols_per_split);
+      for (int64_t col = split * plan.cols_per_split; col < col_end; col += plan.block_cols) {
+        const int64_t n = std::min(plan.block_cols, col_end - col), padded = round_up(n, kLanes<acc_t>);
+        load_block(src, group, rows, col, n, padded, plan.block_cols, buf.data());
+        for (int64_t i = first_row; i < last_row; ++i) {
+          apply_coefficients_vec(coeff.data() + i * rows, buf.data(), i, rows, plan.block_cols, padded, out.data());
+          scalar_t* dst = i < group_size ? dx_ptr + (group * group_size + i) * num_features
+                                         : dy_ptr + (group * group_size + i - group_size) * num_features;
+          for (int64_t c = 0; c < n; ++c) dst[col + c] = static_cast<scalar_t>(out[c]);
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
+                  int64_t group_size) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "mmd (native CPU): x and y must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "mmd (native): x and y must be (B, D) of one shape");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "mmd (native): x and y must share a dtype");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "mmd (native): x and y need a unit column stride");
+  TORCH_CHECK(group_size >= 1 && x.size(0) % group_size == 0, "mmd (native): group_size must divide B");
+  const auto cdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t num_groups = x.size(0) / group_size;
+  for (const at::Tensor* t : {&bandwidth, &weight}) {
+    TORCH_CHECK(t->scalar_type() == cdtype && t->is_contiguous() && t->dim() == 1 && t->size(0) == num_groups,
+                "mmd (native): bandwidth and weight must be contiguous (G,) tensors of the compute dtype");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
+    int64_t group_size, double eps) {
+  check_inputs(x, y, bandwidth, weight, group_size);
+  const auto options = bandwidth.options();
+  const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
+  at::Tensor loss = at::empty({plan.num_groups}, options), mmd2 = at::empty({plan.num_groups}, options);
+  at::Tensor dmmd_db = at::empty({plan.num_groups}, options);
+  at::Tensor sqdist = at::empty({plan.num_groups, plan.rows, plan.rows}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x, y, bandwidth, weight, plan, eps, loss, sqdist, mmd2, dmmd_db);
+  });
+  return {loss, sqdist, mmd2, dmmd_db};
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
+    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
+    bool need_dy) {
+  check_inputs(x, y, bandwidth, weight, group_size);
+  const auto options = bandwidth.options();
+  const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
+  TORCH_CHECK(grad_loss.scalar_type() == bandwidth.scalar_type() && grad_loss.dim() == 1 &&
+                  grad_loss.size(0) == plan.num_groups,
+              "mmd (native): grad_loss must be (G,) in the compute dtype");
+  TORCH_CHECK(sqdist.is_contiguous() && sqdist.scalar_type() == bandwidth.scalar_type() &&
+                  sqdist.sizes() == at::IntArrayRef({plan.num_groups, plan.rows, plan.rows}),
+              "mmd (native): sqdist must be the contiguous (G, 2M, 2M) tensor the forward saved");
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  if (need_dx || need_dy) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_backward_cpu", [&] {
+      backward_kernel<scalar_t>(grad_loss, x, y, sqdist, bandwidth, weight, plan, eps, dx, dy, need_dx, need_dy);
+    });
+  }
+  return {dx, dy};
+}
+
+}  // namespace imm_kernels
