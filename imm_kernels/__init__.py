@@ -3,9 +3,12 @@
 Set TRITON_INTERPRET=1 before importing to run the Triton kernels on the CPU.
 """
 
+from . import schedules
 from .backends import BackendUnavailableError, backends
 from .functional import mmd_loss
+from .loss import IMMLoss
+from .precond import Preconditioner
 
 __version__ = "0.1.0"
 
-__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "__version__"]
+__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "__version__", "schedules", "Preconditioner", "IMMLoss"]

@@ -1,0 +1,192 @@
+"""IMMLoss: one Inductive Moment Matching training objective, steps 1-7 of DESIGN §1."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKEND_NAMES
+from .functional import mmd_loss
+from .precond import Preconditioner
+from .schedules import Time, float64_eval
+
+__all__ = ["IMMLoss"]
+
+
+def _unwrap(net: nn.Module) -> Preconditioner:
+    """The Preconditioner inside DDP/FSDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    inner = net
+    while not isinstance(inner, Preconditioner):
+        wrapped = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if not isinstance(wrapped, nn.Module):
+            raise TypeError(f"net must be an imm_kernels.Preconditioner (or wrap one), got {type(net).__name__}")
+        inner = wrapped
+    return inner
+
+
+class IMMLoss(nn.Module):
+    """The IMM loss mean_g w(t_g)·MMD²_g between f_{s,t}(x_t) and the stop-gradient f_{s,r}(x_r).
+
+    Args:
+        net: the Preconditioner f (or a DDP / torch.compile wrapper of one); it is called
+            for both passes, so the wrapper syncs the gradients.
+        group_size: M, particles per group sharing (s, r, t); 1 is the consistency-model-style baseline.
+        k: r is one 1/2^k step of the eta range below t.
+        a, b: time-weight exponent and log-SNR shift (DESIGN §1 step 6).
+        eps, T: the time range; None takes the net's. 0 <= eps < T < 1.
+        label_dropout: probability of replacing a sample's label by the null label (CFG training).
+        target_fp32: run the target pass's backbone without autocast.
+        backend: the `mmd_loss` backend.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        group_size: int = 4,
+        k: int = 12,
+        a: float = 1,
+        b: float = 4,
+        eps: float | None = None,
+        T: float | None = None,
+        label_dropout: float = 0.0,
+        target_fp32: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        _unwrap(net)  # fails early with a clear error
+        if not isinstance(group_size, Integral) or isinstance(group_size, bool) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if not isinstance(k, Integral) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        for name, value in (("a", a), ("b", b)):
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        eps = self.precond.eps if eps is None else eps
+        T = self.precond.T if T is None else T
+        if not (isinstance(eps, Real) and isinstance(T, Real) and 0 <= eps < T < 1):
+            raise ValueError(f"the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps={eps}, T={T}")
+        if not (isinstance(label_dropout, Real) and 0 <= label_dropout <= 1):
+            raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout!r}")
+        if label_dropout > 0 and self.precond.label_dim == 0:
+            raise ValueError("label_dropout > 0 needs a conditional net (label_dim > 0)")
+        self.group_size = int(group_size)
+        self.k = int(k)
+        self.a = float(a)
+        self.b = float(b)
+        self.eps = float(eps)
+        self.T = float(T)
+        self.label_dropout = float(label_dropout)
+        self.target_fp32 = bool(target_fp32)
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        self.backend = backend
+
+    @property
+    def precond(self) -> Preconditioner:
+        """The Preconditioner inside `net` (a property, so state_dict holds its weights once)."""
+        return _unwrap(self.net)
+
+    def sample_times(
+        self, num_groups: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(s, r, t), each (G,) float32, with eps <= s <= r <= t <= T (step 1).
+
+        t ~ U(eps, T), s ~ U(eps, t), and r = max(s, eta_inv(clamp(eta_t - (eta_max - eta_min)/2^k,
+        eta_min, eta_max))), drawn and computed in float64. Draws, in order: G uniforms for t,
+        then G for s.
+        """
+        def uniform() -> Tensor:
+            return torch.rand(num_groups, dtype=torch.float64, device=device, generator=generator)
+
+        t = self.eps + (self.T - self.eps) * uniform()
+        s = self.eps + (t - self.eps) * uniform()
+        schedule = self.precond.schedule
+        eta_min, eta_max = schedule.eta(self.eps), schedule.eta(self.T)
+        eta_r = (schedule.eta(t) - (eta_max - eta_min) / 2**self.k).clamp(eta_min, eta_max)
+        r = torch.minimum(torch.maximum(s, schedule.eta_inv(eta_r)), t)
+        return s.float(), r.float(), t.float()
+
+    def kernel_bandwidth(self, s: Time, t: Time) -> Time:
+        """w~(s,t) of the net's parameterisation (DESIGN §1 step 4)."""
+        return self.precond.kernel_bandwidth(s, t)
+
+    def time_weight(self, t: Time) -> Time:
+        """w(t) = ½·sigmoid(b - lambda_t)·(-dlambda/dt)·alpha_t^a/(alpha_t² + sigma_t²) (step 6)."""
+        return float64_eval(self._time_weight, t)
+
+    def _time_weight(self, t: Tensor) -> Tensor:
+        schedule = self.precond.schedule
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        weight = (
+            0.5 * torch.sigmoid(self.b - schedule.logsnr(t)) * -schedule.dlogsnr_dt(t)
+            * alpha**self.a / (alpha**2 + sigma**2)
+        )
+        # The limit at t = 0 is 0 (sigmoid(b - lambda) ~ e^b·eta² outruns -dlambda/dt ~ 2/t);
+        # the formula itself reads 0·inf there.
+        return torch.where(t > 0, weight, 0.0)
+
+    def forward(self, x: Tensor, class_labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss for a batch of data x (B = G·group_size, consecutive rows form a group).
+
+        Random draws, in order: `sample_times`, the label-dropout uniforms (B, only when
+        label_dropout > 0), the noise (randn_like(x)), then whatever the net draws (dropout),
+        replayed for the target pass.
+
+        Returns:
+            (loss, stats): the scalar loss, and detached (G,) tensors "s", "r", "t",
+            "time_weight" and "weighted_mmd" (w(t_g)·MMD²_g; the loss is their mean).
+        """
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] == 0:
+            raise TypeError("x must be a floating-point tensor of shape (B, *feature) with B >= 1")
+        batch_size = x.shape[0]
+        if batch_size % self.group_size != 0:
+            raise ValueError(f"the batch size {batch_size} is not divisible by group_size={self.group_size}")
+        num_groups = batch_size // self.group_size
+        net = self.precond
+
+        s, r, t = self.sample_times(num_groups, x.device)
+        labels = net.as_one_hot(class_labels, batch_size, x.device)
+        if self.label_dropout > 0:
+            keep = torch.rand(batch_size, device=x.device) >= self.label_dropout
+            labels = labels * keep[:, None]
+
+        # Coefficients from the float32 times in float64, rounded once to the data's compute dtype.
+        s64, r64, t64 = s.double(), r.double(), t.double()
+        schedule = net.schedule
+        x = x.float() if x.dtype != torch.float64 else x
+        noise = torch.randn_like(x) * net.sigma_data
+        x_t = self._per_particle(schedule.alpha(t64), x) * x + self._per_particle(schedule.sigma(t64), x) * noise
+        x_r = self._per_particle(schedule.alpha(r64), x) * x + self._per_particle(schedule.sigma(r64), x) * noise
+        s_p, r_p, t_p = (v.repeat_interleave(self.group_size) for v in (s, r, t))
+
+        # The student pass runs inside fork_rng, which restores the RNG state on exit, so the
+        # target pass draws the same dropout masks and leaves the RNG advanced as usual.
+        with torch.random.fork_rng(**self._rng_devices(x.device)):
+            student = self.net(x_t, t_p, s_p, labels)
+        with torch.no_grad():
+            target = self.net(x_r, r_p, s_p, labels, force_fp32=self.target_fp32)
+
+        weight = self.time_weight(t64)
+        weighted_mmd = mmd_loss(
+            student, target, self.group_size, self.kernel_bandwidth(s64, t64), weight,
+            reduction="none", backend=self.backend,
+        )
+        stats = {
+            "s": s, "r": r, "t": t, "time_weight": weight.to(weighted_mmd.dtype), "weighted_mmd": weighted_mmd.detach()
+        }
+        return weighted_mmd.mean(), stats
+
+    def _per_particle(self, per_group: Tensor, x: Tensor) -> Tensor:
+        """(G,) -> (B, 1, ..., 1) in x's dtype: each group's value for each of its particles."""
+        return per_group.to(x.dtype).repeat_interleave(self.group_size).view(-1, *[1] * (x.dim() - 1))
+
+    @staticmethod
+    def _rng_devices(device: torch.device) -> dict:
+        """fork_rng arguments covering the CPU generator and, for an accelerator, x's device."""
+        if device.type == "cpu":
+            return {"devices": []}
+        index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+        return {"devices": [index], "device_type": device.type}

@@ -1,0 +1,324 @@
+"""Data sets for training and evaluating IMM models, and PNG writers for their samples.
+
+Every data set comes back as one in-memory float32 tensor: the data here (8×8 digits,
+2-D toys, folders of small images, arrays of VAE latents) fits in memory, and a
+tensor is what the trainer indexes. Images are (N, C, H, W) scaled to [-1, 1];
+vectors are (N, D).
+
+The train/test split of finite data is fixed: every fifth sample (indices 4, 9, 14,
+… in the data's own order: sklearn's order, sorted file paths, array rows) is held
+out. It does not depend on the run's seed, so held-out data never leaks into
+training whatever seed a run uses, and with files sorted by class folder it is
+stratified.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "test", "all")
+TOY2D_KINDS = ("checkerboard", "8gaussians")
+BUILTIN_DATASETS = ("digits", "toy2d", *TOY2D_KINDS)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAY_SUFFIXES = (".npy", ".npz")
+HELD_OUT_EVERY = 5
+
+_GRAYSCALE_MODES = ("1", "L", "LA")
+# 8 Gaussians: noise std relative to the circle's radius (as in FFJORD's toy).
+_EIGHT_GAUSSIANS_NOISE = 0.125
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole data set in memory.
+
+    x: float32, (N, C, H, W) for images or (N, D) for vectors.
+    labels: int64 (N,) class indices in [0, num_classes), or None when unlabelled.
+    num_classes: 0 when unlabelled.
+    kind: "image" or "vector".
+    name: where it came from (a built-in name or a path), for logs and configs.
+    """
+
+    x: Tensor
+    labels: Tensor | None
+    num_classes: int
+    kind: str
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one sample, e.g. (1, 8, 8) or (2,)."""
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed: int = 0, **options) -> Dataset:
+    """Loads a built-in data set or user data.
+
+    name_or_path: "digits" (sklearn's 8×8 digits, labelled); "toy2d" (option
+    toy="checkerboard" or "8gaussians"), or "checkerboard" / "8gaussians" directly;
+    a folder of .png/.jpg images (labels from class subfolders); or a .npy/.npz
+    array (npz: key "x" or its only array, optional "y" labels). A local folder
+    named like a built-in is read when given as a Path or as "./digits".
+    split: "train", "test" (every fifth sample, held out) or "all".
+    seed: draws the toy2d samples; the split of finite data does not depend on it.
+    options: toy2d takes toy= and num_samples= (before the split, default 10000).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and name in BUILTIN_DATASETS:
+        if name == "digits":
+            if options:
+                raise TypeError(f"digits takes no options, got {sorted(options)}")
+            dataset = _load_digits()
+        else:
+            if name in TOY2D_KINDS:
+                options = {"toy": name, **options}
+            dataset = _sample_toy2d(seed=seed, **options)
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"name_or_path {name!r} is neither a built-in data set {BUILTIN_DATASETS} nor an existing path"
+            )
+        if options:
+            raise TypeError(f"user data takes no options, got {sorted(options)}")
+        if path.is_dir():
+            dataset = _load_image_folder(path)
+        elif path.suffix.lower() in ARRAY_SUFFIXES:
+            dataset = _load_array_file(path)
+        else:
+            raise ValueError(
+                f"{path}: unsupported data file; expected a folder of images or a {' / '.join(ARRAY_SUFFIXES)} array"
+            )
+    return _take_split(dataset, split)
+
+
+def _take_split(dataset: Dataset, split: str) -> Dataset:
+    if split == "all":
+        return dataset
+    held_out = torch.arange(len(dataset)) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    keep = held_out if split == "test" else ~held_out
+    if not keep.any():
+        raise ValueError(
+            f"{dataset.name} has {len(dataset)} samples, too few for a {split!r} split "
+            f"(every {HELD_OUT_EVERY}th sample is held out); use split='all'"
+        )
+    labels = None if dataset.labels is None else dataset.labels[keep]
+    return Dataset(dataset.x[keep], labels, dataset.num_classes, dataset.kind, dataset.name)
+
+
+def _load_digits() -> Dataset:
+    """sklearn's 1797 8×8 digits (bundled with sklearn, no download); pixels 0..16 → [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div_(8.0).sub_(1.0).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).long()
+    return Dataset(x, labels, 10, "image", "digits")
+
+
+def _sample_toy2d(*, seed: int, toy: str = "checkerboard", num_samples: int = 10000) -> Dataset:
+    """A 2-D toy with unit standard deviation per coordinate."""
+    if toy not in TOY2D_KINDS:
+        raise ValueError(f"toy must be one of {TOY2D_KINDS}, got {toy!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    gen = torch.Generator().manual_seed(seed)
+    if toy == "checkerboard":
+        # Columns of width 1 over [-2, 2); rows of height 1 alternate by column parity.
+        # Each coordinate is uniform on [-2, 2): std 4/sqrt(12).
+        x1 = 4 * torch.rand(num_samples, generator=gen, dtype=torch.float64) - 2
+        row = torch.rand(num_samples, generator=gen, dtype=torch.float64)
+        row = row - 2 * torch.randint(0, 2, (num_samples,), generator=gen) + torch.floor(x1) % 2
+        points = torch.stack([x1, row], 1) / (4 / math.sqrt(12))
+    else:
+        # Eight modes on a circle of radius R with noise std 0.125 R: per-coordinate
+        # variance R²/2 + (0.125 R)², so R below gives std 1.
+        radius = 1 / math.sqrt(0.5 + _EIGHT_GAUSSIANS_NOISE**2)
+        angle = torch.randint(0, 8, (num_samples,), generator=gen) * (2 * math.pi / 8)
+        centres = radius * torch.stack([angle.cos(), angle.sin()], 1)
+        noise = torch.randn(num_samples, 2, generator=gen, dtype=torch.float64)
+        points = centres + _EIGHT_GAUSSIANS_NOISE * radius * noise
+    return Dataset(points.float(), None, 0, "vector", f"toy2d:{toy}")
+
+
+def _load_image_folder(root: Path) -> Dataset:
+    """Images of one size; labelled by top-level subfolder when every image is in one."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images found in this folder or its subfolders")
+    class_of_file = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+    at_top = [p for p, c in zip(files, class_of_file) if c is None]
+    if at_top and len(at_top) < len(files):
+        raise ValueError(
+            f"{root}: has images both at the top level (e.g. {at_top[0].name}) and in subfolders; "
+            "put every image in a class subfolder (labelled) or none (unlabelled)"
+        )
+
+    pixels, first = [], None
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path}: unreadable image ({err})") from err
+        if image.mode.startswith(("I", "F")):
+            raise ValueError(f"{path}: {image.mode} images (16-bit or float) are not supported; save as 8-bit")
+        if first is None:
+            first = (path, image.size)
+        elif image.size != first[1]:
+            raise ValueError(
+                f"{root}: images differ in size: {first[0].name} is {first[1][0]}×{first[1][1]} but "
+                f"{path.name} is {image.size[0]}×{image.size[1]} (width×height); resize them to one size"
+            )
+        pixels.append(image)
+    mode = "L" if all(image.mode in _GRAYSCALE_MODES for image in pixels) else "RGB"
+    arrays = np.stack([np.asarray(image.convert(mode)) for image in pixels])
+    if mode == "L":
+        arrays = arrays[..., None]
+    x = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+    labels, num_classes = None, 0
+    if not at_top:
+        class_names = sorted(set(class_of_file))
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = torch.tensor([index[c] for c in class_of_file], dtype=torch.long)
+        num_classes = len(class_names)
+    return Dataset(x, labels, num_classes, "image", str(root))
+
+
+def _load_array_file(path: Path) -> Dataset:
+    """(N, D) vectors or (N, C, H, W) images/latents.
+
+    uint8 arrays are taken as 0..255 pixels and scaled to [-1, 1]; other numbers are
+    used as they are (latents come already scaled by their VAE's factor).
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable array file ({err})") from err
+    labels = None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.files)
+            data_keys = ["x"] if "x" in keys else [k for k in keys if k != "y"]
+            if len(data_keys) != 1:
+                raise ValueError(f"{path}: expected a key 'x' or exactly one array (besides 'y'), got keys {keys}")
+            array = loaded[data_keys[0]]
+            if "y" in keys:
+                labels = loaded["y"]
+    else:
+        array = loaded
+
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{path}: array has dtype {array.dtype}; expected real numbers (float or integer)")
+    if array.ndim not in (2, 4):
+        raise ValueError(
+            f"{path}: array has shape {array.shape}; expected (N, D) vectors or (N, C, H, W) images "
+            "(add a channel axis to (N, H, W) images)"
+        )
+    if array.shape[0] == 0 or array[0].size == 0:
+        raise ValueError(f"{path}: array of shape {array.shape} is empty")
+    if array.dtype == np.uint8:
+        x = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path}: array contains NaN or infinite values (or values beyond float32)")
+
+    num_classes = 0
+    if labels is not None:
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: labels 'y' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        if labels.shape[0] != array.shape[0]:
+            raise ValueError(f"{path}: labels 'y' has {labels.shape[0]} entries but the data has {array.shape[0]} rows")
+        if labels.min() < 0:
+            raise ValueError(f"{path}: labels 'y' must be >= 0, got min {labels.min()}")
+        labels = torch.from_numpy(labels.astype(np.int64))
+        num_classes = int(labels.max()) + 1
+    return Dataset(x, labels, num_classes, "image" if x.dim() == 4 else "vector", str(path))
+
+
+def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, upscale: int | None = None) -> Path:
+    """Writes (N, C, H, W) images in [-1, 1] (values outside are clipped) as one PNG grid.
+
+    nrow: images per row. upscale: integer pixel repeat; None picks one that makes each
+    image at least 32 pixels across, so 8×8 digits are legible. C must be 1 or 3.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a non-empty (N, C, H, W) tensor with C = 1 or 3, got {shape}")
+    if not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+    num, channels, height, width = images.shape
+    if upscale is None:
+        upscale = max(1, math.ceil(32 / max(height, width)))
+    elif not isinstance(upscale, int) or upscale < 1:
+        raise ValueError(f"upscale must be a positive int or None, got {upscale!r}")
+
+    from PIL import Image
+
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
+    height, width, pad = height * upscale, width * upscale, 2
+    cols, rows = min(nrow, num), math.ceil(num / nrow)
+    grid = torch.full((channels, rows * (height + pad) + pad, cols * (width + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(num):
+        top, left = pad + (i // nrow) * (height + pad), pad + (i % nrow) * (width + pad)
+        grid[:, top : top + height, left : left + width] = pixels[i]
+    array = grid.permute(1, 2, 0).numpy()
+    path = Path(path)
+    Image.fromarray(array[..., 0] if channels == 1 else array).save(path, format="PNG")
+    return path
+
+
+def save_scatter_plot(
+    points: Tensor, path: str | os.PathLike, *, extent: float | None = None, size: int = 512
+) -> Path:
+    """Writes (N, 2) points as a PNG scatter plot: dark 2×2-pixel dots on white, grey axes.
+
+    extent: the plot covers [-extent, extent]² (points outside are left out); None uses
+    1.05 × the largest |coordinate|, so the whole sample shows. size: the PNG's width and height.
+    """
+    if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] != 2:
+        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
+        raise ValueError(f"points must be an (N, 2) tensor, got {shape}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    xy = points.detach().double().cpu()
+    xy = xy[torch.isfinite(xy).all(1)]
+    if extent is None:
+        extent = 1.05 * float(xy.abs().max()) if len(xy) else 1.0
+        extent = extent if extent > 0 else 1.0
+    elif not extent > 0:
+        raise ValueError(f"extent must be positive, got {extent!r}")
+
+    from PIL import Image
+
+    canvas = np.full((size, size), 255, dtype=np.uint8)
+    centre = size // 2
+    canvas[centre, :] = canvas[:, centre] = 200
+    # Pixel (row, col) of each point; y grows upwards in the plot.
+    col = ((xy[:, 0] / extent + 1) * (size - 2) / 2).round().long()
+    row = ((1 - xy[:, 1] / extent) * (size - 2) / 2).round().long()
+    inside = (col >= 0) & (col <= size - 2) & (row >= 0) & (row <= size - 2)
+    col, row = col[inside].numpy(), row[inside].numpy()
+    for d_row in (0, 1):
+        for d_col in (0, 1):
+            canvas[row + d_row, col + d_col] = 30
+    path = Path(path)
+    Image.fromarray(canvas).save(path, format="PNG")
+    return path
