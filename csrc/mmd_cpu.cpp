@@ -1,12 +1,13 @@
 // Grouped Laplace-kernel MMD on the CPU (see mmd.h for the mathematics).
 //
-// Work is split into tasks (group, column split). A task copies a block of its
-// group's 2M rows into a small buffer in the compute dtype (converting fp16/bf16,
-// zero-padding the tail), then runs loops over the block's columns that carry
-// lanes of independent accumulators, which the compiler turns into vector code
-// without reassociating anything. The hot loops are compiled for AVX-512, AVX2
-// and baseline x86-64 and picked at load time (GCC target_clones); with
-// -ffp-contract=off every clone rounds alike. The number of splits depends only
+// Work is split into tasks (group, column split). A task walks its columns in
+// blocks: fp32/fp64 rows are read in place, fp16/bf16 rows (and a ragged last
+// block) are first converted into a small zero-padded buffer. The group's 2M rows
+// are padded to whole 4-row tiles; for each 4x4 tile of row pairs, 16 vectors of
+// independent lane sums stay in registers while 8 row vectors stream past (GCC
+// vector extensions, no reassociation). Lanes are summed once per task. The hot
+// loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline and picked
+// at load time (GCC target_clones); with -ffp-contract=off every clone rounds alike. The number of splits depends only
 // on (G, D), and partial sums are added in a fixed order, so results are bitwise
 // the same for any thread count. Nothing (2M)x(2M)xD is ever allocated.
 #include "mmd.h"
@@ -19,15 +20,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace imm_kernels {
 namespace {
 
-// Independent accumulators per pair: 128 bytes, two AVX-512 or four AVX2 registers.
+// Independent accumulators per pair: one 32-byte vector (AVX2 / AVX-512VL registers).
 template <typename acc_t>
-constexpr int64_t kLanes = 128 / sizeof(acc_t);
-constexpr int64_t kBlockBytes = 16384;  // one block of the group's rows stays in L1
+constexpr int64_t kLanes = 32 / sizeof(acc_t);
+constexpr int64_t kTile = 4;  // rows per register tile; a group's 2M rows are padded to a multiple
+constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L2 while its tiles reread it
 constexpr int64_t kTargetTasks = 64;    // fewer groups than this split D (fixed, not the thread count)
 constexpr int64_t kMinSplitColumns = 4096;
 
@@ -36,13 +39,14 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 // Geometry of one call, shared by forward and backward so that both split alike.
 struct Plan {
   int64_t num_groups, group_size, rows, num_features;
+  int64_t padded_rows;  // rows rounded up to whole tiles; the extra buffer rows stay zero
   int64_t num_splits, cols_per_split, block_cols;
 
   Plan(int64_t batch, int64_t group_size_, int64_t num_features_, int64_t acc_bytes)
       : num_groups(batch / group_size_), group_size(group_size_), rows(2 * group_size_),
-        num_features(num_features_) {
-    const int64_t lanes = 128 / acc_bytes;
-    block_cols = std::clamp<int64_t>(kBlockBytes / (rows * acc_bytes) / lanes * lanes, lanes, 1024);
+        num_features(num_features_), padded_rows(round_up(2 * group_size_, kTile)) {
+    const int64_t lanes = 32 / acc_bytes;
+    block_cols = std::clamp<int64_t>(kBlockBytes / (padded_rows * acc_bytes) / lanes * lanes, lanes, 8192);
     const int64_t wanted = (kTargetTasks + num_groups - 1) / num_groups;
     num_splits = std::max<int64_t>(1, std::min(wanted, num_features / kMinSplitColumns));
     cols_per_split = round_up((num_features + num_splits - 1) / num_splits, block_cols);
@@ -63,80 +67,147 @@ struct GroupRows {
   }
 };
 
-// Copies columns [col, col + n) of every row into buf (row pitch `pitch`), zero-padding to `padded`.
+// Pointers to columns [col, col + padded) of the group's rows (then zero rows up to padded_rows).
+// fp32/fp64 rows are read in place when the block is a whole number of vectors; otherwise the
+// block is converted into `buf` (row pitch `pitch`) and zero-padded. Either way the same rows'
+// next block is prefetched, whose first touch would otherwise stall on memory.
 template <typename scalar_t, typename acc_t>
-void load_block(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int64_t col, int64_t n,
-                int64_t padded, int64_t pitch, acc_t* buf) {
+void block_rows(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int64_t col, int64_t n,
+                int64_t padded, int64_t pitch, int64_t col_end, acc_t* buf, const acc_t* zeros,
+                std::vector<const acc_t*>& ptrs) {
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  const int64_t ahead = std::min(n, col_end - col - n);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src.row(group, r) + col;
+    for (int64_t c = 0; c < ahead; c += line) __builtin_prefetch(in + n + c);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (n == padded) {
+        ptrs[r] = in;
+        continue;
+      }
+    }
     acc_t* out = buf + r * pitch;
     for (int64_t c = 0; c < n; ++c) out[c] = static_cast<acc_t>(in[c]);
     std::fill(out + n, out + padded, acc_t(0));
+    ptrs[r] = out;
   }
+  for (int64_t r = rows; r < static_cast<int64_t>(ptrs.size()); ++r) ptrs[r] = zeros;
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define IMM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define IMM_INLINE inline __attribute__((always_inline))
+#define IMM_UNROLL _Pragma("GCC unroll 4")
+#define IMM_UNROLL16 _Pragma("GCC unroll 16")
 #else
 #define IMM_VECTOR_CLONES
 #define IMM_INLINE inline
+#define IMM_UNROLL
+#define IMM_UNROLL16
 #endif
 
-// sq[i, j] += sum_c (z_i,c - z_j,c)^2 for i <= j over one block of `padded` columns
-// (a multiple of the lane count); lanes are summed pairwise, in a fixed order.
+// One 32-byte vector of the compute dtype (GCC/Clang vector extensions: the target_clones
+// variants turn it into one AVX register, the baseline into two SSE registers).
+typedef float float_vector __attribute__((vector_size(32)));
+typedef double double_vector __attribute__((vector_size(32)));
 template <typename acc_t>
-IMM_INLINE void add_block_sqdist(const acc_t* buf, int64_t rows, int64_t pitch, int64_t padded, acc_t* sq) {
-  constexpr int64_t lanes_n = kLanes<acc_t>;
-  for (int64_t i = 0; i < rows; ++i) {
-    // The diagonal too: it is 0 for finite rows and NaN for rows holding Inf/NaN.
-    for (int64_t j = i; j < rows; ++j) {
-      const acc_t* a = buf + i * pitch;
-      const acc_t* b = buf + j * pitch;
-      acc_t lanes[lanes_n] = {};
-      for (int64_t c = 0; c < padded; c += lanes_n) {
-        for (int64_t l = 0; l < lanes_n; ++l) {
-          const acc_t diff = a[c + l] - b[c + l];
-          lanes[l] += diff * diff;
-        }
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  using type = float_vector;
+};
+template <>
+struct VectorOf<double> {
+  using type = double_vector;
+};
+
+template <typename V, typename T>
+IMM_INLINE V load_vector(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));  // unaligned load
+  return v;
+}
+
+template <typename V, typename T>
+IMM_INLINE void store_vector(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// For a 4x4 tile of row pairs (rows i0..i0+3 against j0..j0+3), lane vector p accumulates
+// (z_i - z_j)^2 over columns c = l mod kLanes: 16 pairs share 8 row loads per step and the
+// 16 accumulators stay in registers. Lanes are summed only once, at the end of a task.
+template <typename acc_t>
+IMM_INLINE void add_tile_sqdist(const acc_t* const* rows_i, const acc_t* const* rows_j, int64_t padded,
+                                acc_t* lanes) {
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = kLanes<acc_t>;
+  V acc[kTile * kTile];
+  IMM_UNROLL16 for (int64_t p = 0; p < kTile * kTile; ++p) acc[p] = load_vector<V>(lanes + p * L);
+  for (int64_t c = 0; c < padded; c += L) {
+    V a[kTile], b[kTile];
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+      a[t] = load_vector<V>(rows_i[t] + c);
+      b[t] = load_vector<V>(rows_j[t] + c);
+    }
+    IMM_UNROLL for (int64_t ti = 0; ti < kTile; ++ti) {
+      IMM_UNROLL for (int64_t tj = 0; tj < kTile; ++tj) {
+        const V diff = a[ti] - b[tj];
+        acc[ti * kTile + tj] += diff * diff;
       }
-      for (int64_t width = lanes_n / 2; width > 0; width /= 2) {
-        for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-      }
-      sq[i * rows + j] += lanes[0];
     }
   }
+  IMM_UNROLL16 for (int64_t p = 0; p < kTile * kTile; ++p) store_vector(lanes + p * L, acc[p]);
 }
 
-IMM_VECTOR_CLONES void add_block_sqdist_vec(const float* buf, int64_t rows, int64_t pitch, int64_t padded,
-                                            float* sq) {
-  add_block_sqdist(buf, rows, pitch, padded, sq);
+IMM_VECTOR_CLONES void add_tile_sqdist_vec(const float* const* rows_i, const float* const* rows_j, int64_t padded,
+                                           float* lanes) {
+  add_tile_sqdist(rows_i, rows_j, padded, lanes);
 }
-IMM_VECTOR_CLONES void add_block_sqdist_vec(const double* buf, int64_t rows, int64_t pitch, int64_t padded,
-                                            double* sq) {
-  add_block_sqdist(buf, rows, pitch, padded, sq);
+IMM_VECTOR_CLONES void add_tile_sqdist_vec(const double* const* rows_i, const double* const* rows_j,
+                                           int64_t padded, double* lanes) {
+  add_tile_sqdist(rows_i, rows_j, padded, lanes);
 }
 
-// out_c = sum_j coeff_j (z_i,c - z_j,c): direct differences, exact when rows converge.
+// out[t][c] = sum_j coeff[t][j] (z_(i0+t),c - z_j,c) for 4 rows t at once, j = 0..rows-1 in order:
+// direct differences, exact when rows converge. coeff has row pitch `rows`.
 template <typename acc_t>
-IMM_INLINE void apply_coefficients(const acc_t* coeff, const acc_t* buf, int64_t i, int64_t rows, int64_t pitch,
-                                   int64_t padded, acc_t* out) {
-  std::fill(out, out + padded, acc_t(0));
-  const acc_t* zi = buf + i * pitch;
-  for (int64_t j = 0; j < rows; ++j) {
-    const acc_t a = coeff[j];
-    const acc_t* zj = buf + j * pitch;
-    for (int64_t c = 0; c < padded; ++c) out[c] += a * (zi[c] - zj[c]);
+IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* z, int64_t i0, int64_t rows,
+                                        int64_t pitch, int64_t padded, acc_t* out) {
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = kLanes<acc_t>;
+  for (int64_t c = 0; c < padded; c += L) {
+    V zi[kTile], sums[kTile];
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+      zi[t] = load_vector<V>(z[i0 + t] + c);
+      sums[t] = V{};
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      const V zj = load_vector<V>(z[j] + c);
+      IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) sums[t] += coeff[(i0 + t) * rows + j] * (zi[t] - zj);
+    }
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) store_vector(out + t * pitch + c, sums[t]);
   }
 }
 
-IMM_VECTOR_CLONES void apply_coefficients_vec(const float* coeff, const float* buf, int64_t i, int64_t rows,
-                                              int64_t pitch, int64_t padded, float* out) {
-  apply_coefficients(coeff, buf, i, rows, pitch, padded, out);
+IMM_VECTOR_CLONES void apply_tile_coefficients_vec(const float* coeff, const float* const* z, int64_t i0,
+                                                   int64_t rows, int64_t pitch, int64_t padded, float* out) {
+  apply_tile_coefficients(coeff, z, i0, rows, pitch, padded, out);
 }
-IMM_VECTOR_CLONES void apply_coefficients_vec(const double* coeff, const double* buf, int64_t i, int64_t rows,
-                                              int64_t pitch, int64_t padded, double* out) {
-  apply_coefficients(coeff, buf, i, rows, pitch, padded, out);
+IMM_VECTOR_CLONES void apply_tile_coefficients_vec(const double* coeff, const double* const* z, int64_t i0,
+                                                   int64_t rows, int64_t pitch, int64_t padded, double* out) {
+  apply_tile_coefficients(coeff, z, i0, rows, pitch, padded, out);
+}
+
+// Sums the L lanes pairwise, in a fixed order.
+template <typename acc_t>
+acc_t sum_lanes(const acc_t* lanes) {
+  constexpr int64_t L = kLanes<acc_t>;
+  acc_t tmp[L];
+  std::copy(lanes, lanes + L, tmp);
+  for (int64_t width = L / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) tmp[l] += tmp[l + width];
+  }
+  return tmp[0];
 }
 
 // (close, d, k) of one pair, NaN-preserving: `s <= eps^2` is false for NaN.
@@ -171,20 +242,35 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
                            : at::empty({plan.num_groups, plan.num_splits, rows, rows}, sqdist.options());
   acc_t* partial_ptr = partial.data_ptr<acc_t>();
 
+  constexpr int64_t L = kLanes<acc_t>;
+  const int64_t blocks = plan.padded_rows / kTile, pitch = plan.block_cols;
   at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(rows * plan.block_cols);
+    std::vector<acc_t> buf(plan.padded_rows * pitch), zeros(pitch, acc_t(0));
+    std::vector<const acc_t*> ptrs(plan.padded_rows);
+    // Lane sums of tile (bi, bj), bi <= bj, at (bi * blocks + bj) * kTile^2 * L.
+    std::vector<acc_t> lanes(blocks * blocks * kTile * kTile * L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
       const int64_t col_end = std::min(plan.num_features, (split + 1) * plan.cols_per_split);
-      acc_t* sq = partial_ptr + task * tile;
-      std::fill(sq, sq + tile, acc_t(0));
-      for (int64_t col = split * plan.cols_per_split; col < col_end; col += plan.block_cols) {
-        const int64_t n = std::min(plan.block_cols, col_end - col), padded = round_up(n, kLanes<acc_t>);
-        load_block(src, group, rows, col, n, padded, plan.block_cols, buf.data());
-        add_block_sqdist_vec(buf.data(), rows, plan.block_cols, padded, sq);
+      std::fill(lanes.begin(), lanes.end(), acc_t(0));
+      for (int64_t col = split * plan.cols_per_split; col < col_end; col += pitch) {
+        const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
+        block_rows(src, group, rows, col, n, padded, pitch, col_end, buf.data(), zeros.data(), ptrs);
+        for (int64_t bi = 0; bi < blocks; ++bi) {
+          for (int64_t bj = bi; bj < blocks; ++bj) {
+            add_tile_sqdist_vec(ptrs.data() + bi * kTile, ptrs.data() + bj * kTile, padded,
+                                lanes.data() + (bi * blocks + bj) * kTile * kTile * L);
+          }
+        }
       }
+      // The diagonal too: it is 0 for finite rows and NaN for rows holding Inf/NaN.
+      acc_t* sq = partial_ptr + task * tile;
       for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < i; ++j) sq[i * rows + j] = sq[j * rows + i];
+        for (int64_t j = i; j < rows; ++j) {
+          const int64_t tile_index = (i / kTile) * blocks + j / kTile;
+          const int64_t pair = (i % kTile) * kTile + j % kTile;
+          sq[i * rows + j] = sq[j * rows + i] = sum_lanes(lanes.data() + (tile_index * kTile * kTile + pair) * L);
+        }
       }
     }
   });
@@ -243,8 +329,12 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
   const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(num_features);
   const acc_t pairs = static_cast<acc_t>(group_size * group_size);
 
+  constexpr int64_t L = kLanes<acc_t>;
+  const int64_t pitch = plan.block_cols;
   at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(rows * plan.block_cols), out(plan.block_cols), coeff(rows * rows);
+    std::vector<acc_t> buf(plan.padded_rows * pitch), zeros(pitch, acc_t(0)), out(kTile * pitch);
+    std::vector<const acc_t*> ptrs(plan.padded_rows);
+    std::vector<acc_t> coeff(plan.padded_rows * rows, acc_t(0));  // padding rows: zero coefficients
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
       const acc_t bandwidth_g = bandwidth_ptr[group];
@@ -259,14 +349,17 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
         }
       }
       const int64_t col_end = std::min(num_features, (split + 1) * plan.cols_per_split);
-      for (int64_t col = split * plan.cols_per_split; col < col_end; col += plan.block_cols) {
-        const int64_t n = std::min(plan.block_cols, col_end - col), padded = round_up(n, kLanes<acc_t>);
-        load_block(src, group, rows, col, n, padded, plan.block_cols, buf.data());
-        for (int64_t i = first_row; i < last_row; ++i) {
-          apply_coefficients_vec(coeff.data() + i * rows, buf.data(), i, rows, plan.block_cols, padded, out.data());
-          scalar_t* dst = i < group_size ? dx_ptr + (group * group_size + i) * num_features
-                                         : dy_ptr + (group * group_size + i - group_size) * num_features;
-          for (int64_t c = 0; c < n; ++c) dst[col + c] = static_cast<scalar_t>(out[c]);
+      for (int64_t col = split * plan.cols_per_split; col < col_end; col += pitch) {
+        const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
+        block_rows(src, group, rows, col, n, padded, pitch, col_end, buf.data(), zeros.data(), ptrs);
+        for (int64_t i0 = first_row / kTile * kTile; i0 < last_row; i0 += kTile) {
+          apply_tile_coefficients_vec(coeff.data(), ptrs.data(), i0, rows, pitch, padded, out.data());
+          for (int64_t i = std::max(i0, first_row); i < std::min(i0 + kTile, last_row); ++i) {
+            scalar_t* dst = i < group_size ? dx_ptr + (group * group_size + i) * num_features
+                                           : dy_ptr + (group * group_size + i - group_size) * num_features;
+            const acc_t* row = out.data() + (i - i0) * pitch;
+            for (int64_t c = 0; c < n; ++c) dst[col + c] = static_cast<scalar_t>(row[c]);
+          }
         }
       }
     }
