@@ -1,5 +1,8 @@
 """The `imm-kernels` command (also `python -m imm_kernels`).
 
+    imm-kernels demo      train IMM on 8×8 digits (4–5 min on 2 CPU cores), print the metric table
+    imm-kernels train     train IMM on digits, 2-D toys or your data (also under torchrun)
+    imm-kernels eval      sample a checkpoint: metric table for digits, plots or arrays otherwise
     imm-kernels report    backends available here, their accuracy against float64,
                           and forward+backward timings against the eager reference
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,9 +107,213 @@ def report(args) -> None:
               " (see `backends` above).")
 
 
+# Training, the demo and evaluation. The heavy imports wait until a command needs them.
+
+# Errors a bad configuration, data set or checkpoint path raises while a run is set up.
+_SETUP_ERRORS = (ValueError, TypeError, OSError)
+_RESUMABLE = ("steps", "sample_every", "ckpt_every", "log_every")
+
+
+def _fail(command: str, err: Exception) -> None:
+    """Ends the command with the setup error's message and exit status 2, no traceback."""
+    print(f"imm-kernels {command}: error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _step_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected step counts like 1,2,4,8, got {text!r}")
+    return counts
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig fields as options; unset options are absent, so the config's defaults apply."""
+    from .backends import BACKEND_NAMES
+    from .precond import PARAMS, TIME_EMBEDS
+    from .schedules import SCHEDULE_NAMES
+    from .train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES, TrainConfig
+
+    defaults = TrainConfig()
+
+    def option(flag: str, help: str, **kwargs) -> None:
+        field = flag[2:].replace("-", "_")
+        default = getattr(defaults, field)
+        shown = "from the data" if default is None and field == "sigma_data" else default
+        shown = "per data kind" if default is None and field in ("width", "depth") else shown
+        parser.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=f"{help} (default: {shown})", **kwargs)
+
+    option("--data", "digits, toy2d, checkerboard, 8gaussians, an image folder or a .npy/.npz file", metavar="NAME|PATH")
+    option("--steps", "total optimizer steps", type=int)
+    option("--batch", "global batch size, a multiple of group size x number of processes", type=int)
+    option("--group-size", "M, particles per group (1: the consistency-model-style baseline)", type=int)
+    option("--lr", "AdamW learning rate after warm-up", type=float)
+    option("--warmup", "linear learning-rate warm-up steps", type=int)
+    option("--weight-decay", "AdamW weight decay", type=float)
+    option("--grad-clip", "max gradient norm, 0 disables", type=float)
+    option("--ema-decay", "decay of the evaluation EMA (warmed up as (1+n)/(10+n))", type=float)
+    option("--schedule", "noise schedule", choices=SCHEDULE_NAMES)
+    option("--param", "parameterisation of f_{s,t}", choices=PARAMS)
+    option("--time-embed", "second time given to the backbone", choices=TIME_EMBEDS)
+    option("--sigma-data", "sigma_d; unset: the training data's standard deviation", type=float)
+    option("--T", "largest time", type=float)
+    option("--eps", "smallest time", type=float)
+    option("--k", "r is a 1/2^k step of the eta range below t", type=int)
+    option("--a", "time-weight exponent", type=float)
+    option("--b", "time-weight log-SNR shift", type=float)
+    option("--width", "model width: conv channels or MLP hidden units", type=int)
+    option("--depth", "model depth: residual blocks", type=int)
+    option("--dropout", "backbone dropout (conv backbone)", type=float)
+    option("--conditional", "train on the class labels (labelled data only)", action="store_true")
+    option("--label-dropout", "probability of the null label when --conditional (for guidance)", type=float)
+    option("--seed", "model init, data order and random draws", type=int)
+    option("--sample-every", "steps between sample PNGs in OUT/samples, 0: only at the end", type=int)
+    option("--ckpt-every", "steps between checkpoints in OUT/checkpoint, 0: only at the end", type=int)
+    option("--log-every", "steps between progress/log updates", type=int)
+    option("--backend", "mmd_loss backend", choices=BACKEND_NAMES)
+    option("--mixed-precision", "backbone autocast (auto: bf16 on CUDA)", choices=MIXED_PRECISION_CHOICES)
+    option("--device", "auto: CUDA when available", choices=DEVICE_CHOICES)
+
+
+def train(args) -> None:
+    from .train.trainer import TrainConfig, Trainer
+
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "run", "out", "resume")}
+    try:
+        if args.resume is not None:
+            fixed = sorted(set(options) - set(_RESUMABLE))
+            if fixed:
+                raise ValueError(
+                    f"--resume continues the checkpoint's config; only {', '.join(_RESUMABLE)} can change, "
+                    f"got {', '.join(fixed)}"
+                )
+            trainer = Trainer.resume(args.resume, args.out, **options)
+        else:
+            if args.out is None:
+                raise ValueError("--out is required (the run directory), unless --resume gives one")
+            trainer = Trainer(TrainConfig(**options), args.out)
+    except _SETUP_ERRORS as err:
+        _fail("train", err)
+    try:
+        if trainer.process.is_main:
+            config = trainer.config
+            print(f"training {config.data} for {config.steps} steps (batch {config.batch}, M={config.group_size}, "
+                  f"{trainer.process.world_size} process(es) on {trainer.device}) -> {trainer.out_dir}")
+        summary = trainer.train()
+        if trainer.process.is_main:
+            print(f"done: step {trainer.step}, loss {summary['loss']:.4g}, {summary['samples_per_s']:.0f} samples/s, "
+                  f"{summary['wall_s']:.0f} s; checkpoint in {trainer.out_dir / 'checkpoint'}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def demo(args) -> None:
+    from .train.evaluation import digits_metric_rows, format_metric_table, untrained_net
+    from .train.metrics import DigitsEvaluator
+    from .train.sampling_helpers import save_steps_grid
+    from .train.data import load_dataset
+    from .train.trainer import TrainConfig, Trainer
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    group_sizes = (args.group_size, 1) if args.compare_m1 else (args.group_size,)
+    overrides = {name: getattr(args, name) for name in ("steps", "batch", "seed") if getattr(args, name) is not None}
+    try:
+        configs = {m: TrainConfig(group_size=m, **overrides) for m in group_sizes}
+        train_size = len(load_dataset("digits", split="train"))
+        if not 2 <= args.num_samples <= train_size:  # checked now, not after minutes of training
+            raise ValueError(f"--num-samples must be in [2, {train_size}] (the training digits), got {args.num_samples}")
+    except _SETUP_ERRORS as err:
+        _fail("demo", err)
+    print(f"imm-kernels demo: IMM on sklearn's 8x8 digits, {torch.get_num_threads()} CPU thread(s)"
+          if not torch.cuda.is_available() else "imm-kernels demo: IMM on sklearn's 8x8 digits, on CUDA")
+    trained, train_seconds = {}, {}
+    for m, config in configs.items():
+        print(f"\ntraining M={m}: {config.steps} steps, batch {config.batch}, lr {config.lr}, "
+              f"EMA {config.ema_decay} -> {out / f'm{m}'}")
+        trainer = Trainer(config, out / f"m{m}", overwrite=True)
+        summary = trainer.train()
+        train_seconds[m] = summary["wall_s"]
+        trained[m] = trainer.ema.cpu().float()
+        print(f"M={m}: {config.steps} steps in {summary['wall_s']:.0f} s ({summary['samples_per_s']:.0f} samples/s)")
+    grids = [save_steps_grid(net, out / f"samples_m{m}.png", (1, 8, 8), seed=trainer.config.seed)
+             for m, net in trained.items()]
+
+    print("\nevaluating: FD to the held-out digits in a digit classifier's features, "
+          f"and its confidence, on {args.num_samples} samples each")
+    evaluator = DigitsEvaluator(seed=0)
+    models = {f"trained M={m} (EMA)" if len(trained) > 1 else "trained (EMA)": net for m, net in trained.items()}
+    rows = digits_metric_rows(models, evaluator, untrained=untrained_net(trainer.config, trainer.data_info),
+                              num_samples=args.num_samples, seed=trainer.config.seed)
+    print(format_metric_table(rows))
+    print(f"\nsamples (rows: 1, 2, 4, 8 steps): {', '.join(map(str, grids))}")
+    print(f"training {' + '.join(f'{s:.0f} s (M={m})' for m, s in train_seconds.items())}; "
+          f"total {time.perf_counter() - started:.0f} s")
+
+
+def evaluate(args) -> None:
+    from .train.evaluation import (
+        digits_metric_rows, format_metric_table, load_ema_net, untrained_net, write_samples,
+    )
+    from .train.trainer import find_checkpoint
+
+    try:
+        net, config, data_info = load_ema_net(args.checkpoint)
+    except _SETUP_ERRORS as err:
+        _fail("eval", err)
+    out = Path(args.out) if args.out is not None else find_checkpoint(args.checkpoint).parent / "eval"
+    paths = write_samples(net, data_info, out, steps=args.steps, num_samples=args.num_samples, seed=args.seed,
+                          cfg_scale=args.cfg_scale)
+    if data_info.name == "digits":
+        from .train.metrics import DigitsEvaluator
+
+        try:
+            rows = digits_metric_rows({"trained (EMA)": net}, DigitsEvaluator(seed=0),
+                                      untrained=untrained_net(config, data_info), steps=args.steps,
+                                      num_samples=args.num_samples, seed=args.seed, cfg_scale=args.cfg_scale)
+        except ValueError as err:  # e.g. more samples than the reference rows have digits
+            _fail("eval", err)
+        print(format_metric_table(rows))
+    print(f"samples: {', '.join(map(str, paths))}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="imm-kernels", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo_cmd = commands.add_parser("demo", help="train on 8x8 digits, write samples and print the metric table")
+    demo_cmd.add_argument("--out", default="imm-kernels-demo", help="output folder (default: %(default)s)")
+    demo_cmd.add_argument("--steps", type=int, help="training steps (default: the train default)")
+    demo_cmd.add_argument("--batch", type=int, help="batch size (default: the train default)")
+    demo_cmd.add_argument("--seed", type=int, help="seed of init, data order and draws (default: 0)")
+    demo_cmd.add_argument("--group-size", type=int, default=4, help="M, particles per group (default: %(default)s)")
+    demo_cmd.add_argument("--compare-m1", action="store_true",
+                          help="also train M=1 (the consistency-style baseline) with the same budget; "
+                               "about doubles the time")
+    demo_cmd.add_argument("--num-samples", type=int, default=1000, help="samples per table row (default: %(default)s)")
+    demo_cmd.set_defaults(run=demo)
+
+    train_cmd = commands.add_parser("train", help="train an IMM model (also under torchrun)")
+    train_cmd.add_argument("--out", help="run directory: config.json, log.jsonl, samples/, checkpoint/")
+    train_cmd.add_argument("--resume", metavar="DIR", help="continue this run directory or checkpoint folder")
+    _add_train_options(train_cmd)
+    train_cmd.set_defaults(run=train)
+
+    eval_cmd = commands.add_parser("eval", help="sample a checkpoint; the metric table for digits")
+    eval_cmd.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint folder")
+    eval_cmd.add_argument("--steps", type=_step_counts, default=(1, 2, 4, 8),
+                          help="comma-separated step counts (default: 1,2,4,8)")
+    eval_cmd.add_argument("--num-samples", type=int, default=1000, help="samples per step count (default: %(default)s)")
+    eval_cmd.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: %(default)s)")
+    eval_cmd.add_argument("--cfg-scale", type=float, default=1.0,
+                          help="classifier-free guidance scale for conditional models (default: %(default)s)")
+    eval_cmd.add_argument("--out", help="folder for the sample files (default: CHECKPOINT/eval)")
+    eval_cmd.set_defaults(run=evaluate)
+
     report_cmd = commands.add_parser("report", help="backends, accuracy and timings of mmd_loss here")
     report_cmd.add_argument("--repeats", type=int, default=20, help="timed runs per provider (median)")
     report_cmd.add_argument("--no-compile", dest="compile", action="store_false",

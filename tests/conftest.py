@@ -20,3 +20,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def device() -> str:
     return DEVICE
 
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain little from more, and on a shared CPU a
+    thread whose core is busy stalls every parallel region (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

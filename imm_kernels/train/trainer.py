@@ -1,0 +1,637 @@
+"""Training IMM models: the run configuration, the trainer, and its checkpoints.
+
+One `Trainer` runs one process of a run: single-process, or one rank under
+`torchrun` (gloo on CPU, NCCL on GPU; the process group is initialised from the
+environment when WORLD_SIZE > 1). What makes a run reproducible and resumable
+bit for bit:
+
+- the data order is a function of (seed, step): every epoch is a permutation drawn
+  from (seed, epoch), the global batch of step n is the next `batch` positions of that
+  stream, and each rank takes its slice of whole groups;
+- every step seeds the global RNG from (seed, rank, step) before IMMLoss draws its
+  times, noise and dropout masks, so ranks draw differently, reproducibly, and a
+  resumed run needs no RNG state from the checkpoint;
+- the learning rate is a function of the step (linear warm-up, then constant), so it
+  does not depend on the total number of steps either;
+- the checkpoint holds the model, the EMA and the AdamW state (safetensors) and the
+  step and optimizer hyper-parameters (JSON), plus the run's `config.json`.
+
+The EMA of the weights is kept on rank 0 for evaluation and samples only; training
+never reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import __version__, schedules
+from ..backends import BACKEND_NAMES
+from ..loss import IMMLoss
+from ..models import ConvBackbone, MLPBackbone
+from ..precond import PARAMS, TIME_EMBEDS, Preconditioner
+from .data import Dataset, load_dataset
+from .sampling_helpers import save_points_scatter, save_steps_grid
+
+__all__ = [
+    "TrainConfig",
+    "DataInfo",
+    "ProcessInfo",
+    "Trainer",
+    "build_net",
+    "find_checkpoint",
+    "load_run_config",
+]
+
+MIXED_PRECISION_CHOICES = ("auto", "none", "bf16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+_STATE_FILE = "state.json"
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
+# Default model sizes per kind of data: (width, depth) = ConvBackbone (channels, blocks), MLP (hidden, depth).
+_DEFAULT_SIZES = {"image": (64, 3), "vector": (256, 3)}
+# EMA warm-up: the decay used at step n is min(ema_decay, (1 + n)/(10 + n)), so the average
+# covers about the last tenth of the steps until it reaches the 1/(1 - ema_decay) horizon.
+_EMA_RAMP = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; saved as `config.json` with every checkpoint.
+
+    The defaults are the `imm-kernels demo` run on 8×8 digits (about 4–5 minutes on 2 CPU cores).
+
+    data: "digits", "toy2d" (= "checkerboard"), "checkerboard", "8gaussians", or a path
+        (image folder or .npy/.npz array; see `imm_kernels.train.load_dataset`).
+    steps: total optimizer steps (a resumed run continues up to this number).
+    batch: global batch size, over all ranks; a multiple of group_size × world size.
+    group_size: M, particles per group sharing (s, r, t); 1 is the consistency-style baseline.
+    lr, warmup: AdamW learning rate, reached linearly over `warmup` steps, then constant.
+    weight_decay, grad_clip: AdamW weight decay; max global gradient norm (0 disables clipping).
+    ema_decay: the evaluation EMA's decay, warmed up as min(ema_decay, (1 + n)/(10 + n)).
+    schedule, param, time_embed, T, eps: the model of DESIGN §1 (`Preconditioner`).
+    sigma_data: sigma_d; None takes the standard deviation of the training data, so the
+        prior N(0, sigma_d²) has the data's scale (8×8 digits in [-1, 1]: about 0.75, not
+        the 0.5 of CIFAR-10 pixels). Scaling the data by a factor c and sigma_d by c gives
+        the same model and loss, so this equals rescaling the data to sigma_d = 0.5.
+    k, a, b: IMMLoss's r-step exponent, time-weight exponent and log-SNR shift.
+    width, depth: model size; None takes the default for the data (conv 64 × 3, MLP 256 × 3).
+    dropout: backbone dropout (conv backbone only).
+    conditional, label_dropout: train on the data's class labels, replacing a label with
+        the null class with probability label_dropout (for classifier-free guidance).
+    seed: model init, data order and every random draw.
+    sample_every, ckpt_every, log_every: steps between sample PNGs, checkpoints and log
+        lines (0: only at the end; log_every must be >= 1).
+    backend: the `mmd_loss` backend ("auto": native C++ on CPU, Triton on CUDA).
+    mixed_precision: "auto" (bf16 autocast of the backbone on CUDA, none on CPU), "none", "bf16".
+    device: "auto" (CUDA when available), "cpu" or "cuda".
+    """
+
+    data: str = "digits"
+    steps: int = 4000
+    batch: int = 128
+    group_size: int = 4
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.998
+    schedule: str = "fm"
+    param: str = "euler_fm"
+    time_embed: str = "identity"
+    sigma_data: float | None = None
+    T: float = 0.994
+    eps: float = 0.0
+    k: int = 12
+    a: float = 1.0
+    b: float = 4.0
+    width: int | None = None
+    depth: int | None = None
+    dropout: float = 0.0
+    conditional: bool = False
+    label_dropout: float = 0.1
+    seed: int = 0
+    sample_every: int = 1000
+    ckpt_every: int = 1000
+    log_every: int = 25
+    backend: str = "auto"
+    mixed_precision: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data must be a data set name or a path, got {self.data!r}")
+        _check_int(self.steps, "steps", 0)
+        _check_int(self.batch, "batch", 1)
+        _check_int(self.group_size, "group_size", 1)
+        if self.batch % self.group_size:
+            raise ValueError(f"batch={self.batch} is not divisible by group_size={self.group_size}")
+        _check_number(self.lr, "lr", positive=True)
+        _check_int(self.warmup, "warmup", 0)
+        _check_number(self.weight_decay, "weight_decay")
+        _check_number(self.grad_clip, "grad_clip")
+        if not (isinstance(self.ema_decay, Real) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        schedule = schedules.get(self.schedule)
+        if self.param not in PARAMS:
+            raise ValueError(f"param must be one of {PARAMS}, got {self.param!r}")
+        if self.param == "euler_fm" and schedule is not schedules.fm:
+            raise ValueError(f"param='euler_fm' needs schedule='fm', got schedule={self.schedule!r}")
+        if self.time_embed not in TIME_EMBEDS:
+            raise ValueError(f"time_embed must be one of {TIME_EMBEDS}, got {self.time_embed!r}")
+        if self.sigma_data is not None:
+            _check_number(self.sigma_data, "sigma_data", positive=True)
+        if not (isinstance(self.T, Real) and isinstance(self.eps, Real) and 0 <= self.eps < self.T < 1):
+            raise ValueError(f"the times must satisfy 0 <= eps < T < 1, got eps={self.eps!r}, T={self.T!r}")
+        _check_int(self.k, "k", 0)
+        _check_number(self.a, "a", nonnegative=False)
+        _check_number(self.b, "b", nonnegative=False)
+        for name in ("width", "depth"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, 1)
+        if not (isinstance(self.dropout, Real) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.conditional, bool):
+            raise TypeError(f"conditional must be a bool, got {self.conditional!r}")
+        if not (isinstance(self.label_dropout, Real) and 0 <= self.label_dropout <= 1):
+            raise ValueError(f"label_dropout must be a probability in [0, 1], got {self.label_dropout!r}")
+        _check_int(self.seed, "seed", 0)
+        _check_int(self.sample_every, "sample_every", 0)
+        _check_int(self.ckpt_every, "ckpt_every", 0)
+        _check_int(self.log_every, "log_every", 1)
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+
+
+def _check_int(value, name: str, low: int) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_number(value, name: str, *, positive: bool = False, nonnegative: bool = True) -> None:
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data, saved with the config so eval needs no data."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    num_classes: int
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DataInfo:
+        return cls(dataset.name, dataset.kind, dataset.shape, dataset.num_classes)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """This process's place in the run: rank `rank` of `world_size`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _process_from_env(device_type: str) -> ProcessInfo:
+    """This process's rank in the default process group, joining it first (gloo on CPU, NCCL on
+    CUDA, from torchrun's environment) when WORLD_SIZE > 1 and nobody has yet."""
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return ProcessInfo()
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return ProcessInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def build_net(config: TrainConfig, data: DataInfo, mixed_precision: str | None = None) -> Preconditioner:
+    """The Preconditioner and backbone for `data`, initialised from config.seed (the global RNG is kept).
+
+    mixed_precision: the backbone's autocast dtype (Preconditioner's argument), None for float32.
+    """
+    width, depth = (
+        config.width or _DEFAULT_SIZES[data.kind][0],
+        config.depth or _DEFAULT_SIZES[data.kind][1],
+    )
+    label_dim = data.num_classes if config.conditional else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if data.kind == "vector":
+            backbone = MLPBackbone(data.shape[0], hidden=width, depth=depth, label_dim=label_dim)
+        else:
+            channels, height, image_width = data.shape
+            if height != image_width or height % ConvBackbone.PATCH:
+                raise ValueError(
+                    f"data {data.name}: images are {height}×{image_width}; the conv backbone needs square images "
+                    f"with an even side"
+                )
+            backbone = ConvBackbone(
+                channels, height, channels=width, num_blocks=depth, label_dim=label_dim, dropout=config.dropout
+            )
+    return Preconditioner(
+        backbone, config.schedule, config.param, config.time_embed, config.sigma_data, config.T, config.eps,
+        label_dim=label_dim, mixed_precision=mixed_precision,
+    )
+
+
+def _nvtx_range_factory():
+    """A context factory for named NVTX ranges when IMM_KERNELS_NVTX=1, else a no-op.
+
+    Uses the `nvtx` package when installed, else torch.cuda.nvtx when CUDA is available.
+    """
+    if os.environ.get("IMM_KERNELS_NVTX") != "1":
+        return lambda name: contextlib.nullcontext()
+    if importlib.util.find_spec("nvtx") is not None:
+        import nvtx
+
+        return lambda name: nvtx.annotate(name, domain="imm_kernels")
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range
+    return lambda name: contextlib.nullcontext()
+
+
+def _derived_seed(seed: int, *key: int) -> int:
+    """A well-mixed 63-bit seed for the stream `key` of a run (distinct keys give independent streams)."""
+    state = np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+_DATA_ORDER_STREAM, _STEP_DRAWS_STREAM = 0, 1
+
+
+class Trainer:
+    """Trains one IMM model per `config`, writing config, samples, log and checkpoints under `out_dir`.
+
+    Args:
+        config: the run (see TrainConfig).
+        out_dir: the run directory; None writes nothing (tests, gradient checks).
+        process: this process's rank and world size; None reads torchrun's environment and
+            joins the process group when WORLD_SIZE > 1. A ProcessInfo given explicitly
+            with world_size > 1 but no initialised process group computes that rank's
+            batch and draws without DDP (used to check DDP against a serial computation).
+        overwrite: replace a checkpoint already in out_dir (otherwise that is an error:
+            continue it with `Trainer.resume`).
+        progress: show a tqdm progress bar (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        process: ProcessInfo | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.device = _resolve_device(config)
+        self.process = process or _process_from_env(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.process.local_rank)
+            torch.cuda.set_device(self.device)
+        world_size = self.process.world_size
+        if config.batch % (config.group_size * world_size):
+            raise ValueError(
+                f"batch={config.batch} must be a multiple of group_size × world size = "
+                f"{config.group_size} × {world_size}, so that every rank gets whole groups"
+            )
+        self.local_batch = config.batch // world_size
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        if self.out_dir is not None and not overwrite and (self.out_dir / CHECKPOINT_DIR).exists():
+            raise ValueError(
+                f"out_dir {self.out_dir} already holds a checkpoint; resume it or choose another output directory"
+            )
+
+        train_data = load_dataset(config.data, split="train", seed=config.seed)
+        if config.conditional and train_data.labels is None:
+            raise ValueError(f"conditional=True but the data {train_data.name} has no class labels")
+        if config.sigma_data is None:
+            config = dataclasses.replace(config, sigma_data=round(train_data.x.std().item(), 4))
+        width, depth = _DEFAULT_SIZES[train_data.kind]
+        self.config = dataclasses.replace(config, width=config.width or width, depth=config.depth or depth)
+        self.data_info = DataInfo.of(train_data)
+        self.train_x = train_data.x.to(self.device)
+        self.train_labels = (
+            train_data.labels.to(self.device) if config.conditional and train_data.labels is not None else None
+        )
+
+        use_bf16 = self.config.mixed_precision == "bf16" or (
+            self.config.mixed_precision == "auto" and self.device.type == "cuda"
+        )
+        self.net = build_net(self.config, self.data_info, "bf16" if use_bf16 else None).to(self.device)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if self.process.is_main else None
+        distributed = world_size > 1 and dist.is_initialized()
+        self.model = (
+            nn.parallel.DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if distributed
+            else self.net
+        )
+        self.loss_fn = IMMLoss(
+            self.model, self.config.group_size, k=self.config.k, a=self.config.a, b=self.config.b,
+            label_dropout=self.config.label_dropout if self.config.conditional else 0.0, backend=self.config.backend,
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        self.step = 0
+        self.progress = progress
+        self._nvtx = _nvtx_range_factory()
+        self._epoch_orders: dict[int, Tensor] = {}
+
+    # Data and randomness: functions of (seed, step, rank) only.
+
+    def _epoch_order(self, epoch: int) -> Tensor:
+        """The data order of one epoch; only the latest is kept (batches never go back an epoch)."""
+        if epoch not in self._epoch_orders:
+            gen = torch.Generator().manual_seed(_derived_seed(self.config.seed, _DATA_ORDER_STREAM, epoch))
+            self._epoch_orders = {epoch: torch.randperm(len(self.train_x), generator=gen).to(self.device)}
+        return self._epoch_orders[epoch]
+
+    def batch_indices(self, step: int) -> Tensor:
+        """This rank's rows of the training data at `step`: its slice of the global batch.
+
+        The global batches walk through a stream of epochs, each a permutation drawn from
+        (seed, epoch); a batch that crosses an epoch's end continues into the next one.
+        """
+        size = len(self.train_x)
+        position = step * self.config.batch + self.process.rank * self.local_batch
+        stop = position + self.local_batch
+        parts = []
+        while position < stop:
+            epoch, offset = divmod(position, size)
+            take = min(size - offset, stop - position)
+            parts.append(self._epoch_order(epoch)[offset : offset + take])
+            position += take
+        return torch.cat(parts)
+
+    def compute_loss_and_gradients(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of this rank's batch at `step`, and the gradients in .grad (DDP-averaged when distributed)."""
+        with self._nvtx("data"):
+            indices = self.batch_indices(step)
+            x = self.train_x[indices]
+            labels = None if self.train_labels is None else self.train_labels[indices]
+        torch.manual_seed(_derived_seed(self.config.seed, _STEP_DRAWS_STREAM, self.process.rank, step))
+        with self._nvtx("forward"):
+            loss, stats = self.loss_fn(x, labels)
+        with self._nvtx("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        return loss.detach(), stats
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up to config.lr over config.warmup steps, then constant."""
+        return self.config.lr * min(1.0, (step + 1) / max(self.config.warmup, 1))
+
+    def train_step(self) -> Tensor:
+        """One optimizer step at self.step; returns the (detached) loss."""
+        loss, _ = self.compute_loss_and_gradients(self.step)
+        with self._nvtx("optimizer"):
+            if self.config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.step)
+            self.optimizer.step()
+        if self.ema is not None:
+            with self._nvtx("ema"):
+                self._update_ema()
+        self.step += 1
+        return loss
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.config.ema_decay, (1 + self.step) / (_EMA_RAMP + self.step))
+        ema_params, params = list(self.ema.parameters()), list(self.net.parameters())
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
+            ema_buffer.copy_(buffer)
+
+    # The loop.
+
+    def train(self) -> dict[str, float]:
+        """Trains up to config.steps, writing samples, log lines and checkpoints on rank 0.
+
+        Returns the last logged loss, the mean samples/s over the run, and the wall time.
+        """
+        from tqdm.auto import tqdm
+
+        config, is_main = self.config, self.process.is_main
+        if is_main and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(self.out_dir / CONFIG_FILE, self.config_json())
+            if self.step == 0:  # a new run (not a resumed one) starts a new log
+                (self.out_dir / LOG_FILE).unlink(missing_ok=True)
+        bar = tqdm(
+            total=config.steps, initial=self.step, disable=not (is_main and self.progress), unit="step",
+            dynamic_ncols=True, mininterval=1.0,
+        )
+        start_step, started = self.step, time.perf_counter()
+        interval_start, interval_losses, last_loss = started, [], math.nan
+        while self.step < config.steps:
+            interval_losses.append(self.train_step())
+            bar.update(1)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                last_loss = torch.stack(interval_losses).mean().item()
+                now = time.perf_counter()
+                samples_per_s = len(interval_losses) * config.batch / (now - interval_start)
+                interval_start, interval_losses = now, []
+                bar.set_postfix(loss=f"{last_loss:.4g}", samples_per_s=f"{samples_per_s:.0f}")
+                if is_main and self.out_dir is not None:
+                    self._log({"step": self.step, "loss": last_loss, "lr": self.learning_rate(self.step - 1),
+                               "samples_per_s": samples_per_s})
+            if is_main and self.out_dir is not None:
+                if (config.sample_every and self.step % config.sample_every == 0) or self.step == config.steps:
+                    with self._nvtx("sample"):
+                        self.save_samples(self.out_dir / "samples" / f"step_{self.step:06d}.png")
+                if (config.ckpt_every and self.step % config.ckpt_every == 0) or self.step == config.steps:
+                    with self._nvtx("checkpoint"):
+                        self.save_checkpoint(self.out_dir / CHECKPOINT_DIR)
+        bar.close()
+        if dist.is_initialized() and self.process.world_size > 1:
+            dist.barrier()  # the others wait for rank 0's last checkpoint
+        wall = time.perf_counter() - started
+        return {"loss": last_loss, "samples_per_s": (self.step - start_step) * config.batch / max(wall, 1e-9),
+                "wall_s": wall}
+
+    def _log(self, record: dict) -> None:
+        with open(self.out_dir / LOG_FILE, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    # Samples.
+
+    def save_samples(self, path: str | os.PathLike) -> Path | None:
+        """EMA samples as a PNG: images at 1/2/4/8 steps (a row each), 2-D points as a 1-step scatter plot.
+
+        The prior draws come from config.seed, so the images of a run compare across steps.
+        Other vector data (e.g. latents) have no picture; nothing is written for them.
+        """
+        if self.data_info.kind == "image":
+            return save_steps_grid(self.ema, path, self.data_info.shape, seed=self.config.seed)
+        if self.data_info.shape == (2,):
+            return save_points_scatter(self.ema, path, 1, seed=self.config.seed)
+        return None
+
+    # Checkpoints.
+
+    def config_json(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "data_info": dataclasses.asdict(self.data_info),
+            "world_size": self.process.world_size,
+            "imm_kernels_version": __version__,
+        }
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Writes model, EMA and optimizer (safetensors), state.json and config.json; replaces `directory` whole.
+
+        Rank 0 only (the EMA lives there). The files go to a temporary folder that is then
+        renamed, so an interrupted save leaves the previous checkpoint intact.
+        """
+        from safetensors.torch import save_file
+
+        if self.ema is None:
+            raise RuntimeError("save_checkpoint runs on rank 0, which keeps the EMA")
+        directory = Path(directory)
+        partial = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_file(_contiguous(self.net.state_dict()), partial / MODEL_FILE)
+        save_file(_contiguous(self.ema.state_dict()), partial / EMA_FILE)
+        optimizer_tensors, param_groups = _flatten_optimizer_state(self.optimizer.state_dict())
+        save_file(optimizer_tensors, partial / OPTIMIZER_FILE)
+        _write_json(partial / _STATE_FILE, {"step": self.step, "param_groups": param_groups})
+        _write_json(partial / CONFIG_FILE, self.config_json())
+        previous = directory.with_name(directory.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if directory.exists():
+            directory.rename(previous)
+        partial.rename(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+        return directory
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Loads model, optimizer, step and (rank 0) EMA written by save_checkpoint."""
+        from safetensors.torch import load_file
+
+        directory = find_checkpoint(directory)
+        self.net.load_state_dict(load_file(directory / MODEL_FILE, device=str(self.device)))
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(directory / EMA_FILE, device=str(self.device)))
+        state = json.loads((directory / _STATE_FILE).read_text())
+        tensors = load_file(directory / OPTIMIZER_FILE, device=str(self.device))
+        self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["param_groups"]))
+        self.step = int(state["step"])
+
+    @classmethod
+    def resume(
+        cls,
+        checkpoint: str | os.PathLike,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        process: ProcessInfo | None = None,
+        progress: bool = True,
+        **overrides,
+    ) -> Trainer:
+        """A trainer continuing a checkpoint (a run directory or its checkpoint folder).
+
+        out_dir: where to write; None continues in the checkpoint's run directory.
+        overrides: config fields that may change on resume: steps, sample_every, ckpt_every, log_every.
+        """
+        resumable = {"steps", "sample_every", "ckpt_every", "log_every"}
+        unknown = sorted(set(overrides) - resumable)
+        if unknown:
+            raise ValueError(f"only {sorted(resumable)} can change on resume, got {unknown}")
+        directory = find_checkpoint(checkpoint)
+        config = dataclasses.replace(load_run_config(directory)[0], **overrides)
+        out_dir = directory.parent if out_dir is None else out_dir
+        trainer = cls(config, out_dir, process=process, overwrite=True, progress=progress)
+        trainer.load_checkpoint(directory)
+        return trainer
+
+
+def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: value.detach().contiguous() for name, value in state.items()}
+
+
+def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, Tensor], list[dict]]:
+    """torch optimizer state → ({"<param index>.<name>": tensor}, JSON-able param_groups)."""
+    tensors = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"optimizer state {index}.{name} is a {type(value).__name__}, not a tensor")
+            tensors[f"{index}.{name}"] = value.detach().contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer_state(tensors: dict[str, Tensor], param_groups: list[dict]) -> dict:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder at `path`: the folder itself, or `path/checkpoint` for a run directory."""
+    path = Path(path)
+    for candidate in (path, path / CHECKPOINT_DIR):
+        if (candidate / _STATE_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"checkpoint {str(path)!r} is not a checkpoint: no {_STATE_FILE} and {CONFIG_FILE} in it or in its "
+        f"{CHECKPOINT_DIR}/ folder"
+    )
+
+
+def load_run_config(checkpoint: str | os.PathLike) -> tuple[TrainConfig, DataInfo]:
+    """The TrainConfig and DataInfo saved with a checkpoint (a run directory or its checkpoint folder)."""
+    directory = find_checkpoint(checkpoint)
+    saved = json.loads((directory / CONFIG_FILE).read_text())
+    info = saved["data_info"]
+    return TrainConfig(**saved["config"]), DataInfo(info["name"], info["kind"], tuple(info["shape"]),
+                                                    info["num_classes"])
+

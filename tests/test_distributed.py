@@ -1,0 +1,95 @@
+"""DDP: two gloo processes on the CPU against the same two ranks computed serially in one process."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from imm_kernels.train.trainer import CHECKPOINT_DIR, ProcessInfo, TrainConfig, Trainer
+
+WORLD_SIZE = 2
+STEP = 3  # any step: the data slice and the draws are functions of (seed, rank, step)
+CONFIG = TrainConfig(data="digits", batch=32, group_size=4, width=16, depth=1, dropout=0.1, conditional=True,
+                     label_dropout=0.2, seed=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gradients(trainer: Trainer) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, the groups' times t, gradients) of one rank's batch at STEP."""
+    # The output layer starts at zero, which would leave every other gradient zero: give it weights.
+    with torch.no_grad():
+        trainer.net.backbone.out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    loss, stats = trainer.compute_loss_and_gradients(STEP)
+    return loss.item(), stats["t"], {name: p.grad.clone() for name, p in trainer.net.named_parameters()}
+
+
+def _ddp_worker(rank: int, port: int, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(CONFIG, None, progress=False)  # joins the initialised group: DDP
+        assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+        assert trainer.process == ProcessInfo(rank, WORLD_SIZE, 0)
+        assert (trainer.ema is not None) == (rank == 0)  # the EMA lives on rank 0 only
+        results[rank] = _gradients(trainer)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_the_mean_of_the_ranks_computed_serially():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=WORLD_SIZE, join=True)
+        ddp = dict(results)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers, so that every kernel sums in the same order
+    try:
+        serial = [_gradients(Trainer(CONFIG, None, process=ProcessInfo(rank, WORLD_SIZE), progress=False))
+                  for rank in range(WORLD_SIZE)]
+    finally:
+        torch.set_num_threads(threads)
+    for rank in range(WORLD_SIZE):  # each rank's loss is its own batch and draws, as in the serial run
+        assert ddp[rank][0] == serial[rank][0]
+        assert torch.equal(ddp[rank][1], serial[rank][1])
+    assert not torch.equal(serial[0][1], serial[1][1])  # the ranks draw different times
+    for name, serial_grad in serial[0][2].items():
+        expected = (serial_grad + serial[1][2][name]) / WORLD_SIZE
+        for rank in range(WORLD_SIZE):
+            torch.testing.assert_close(ddp[rank][2][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+        assert serial_grad.abs().sum() > 0 and not torch.equal(serial_grad, serial[1][2][name]), name
+
+
+def test_ranks_take_disjoint_whole_group_slices_of_the_global_batch():
+    config = TrainConfig(data="toy2d", batch=48, group_size=4, width=8, depth=1)
+    single = Trainer(config, None, progress=False)
+    ranks = [Trainer(config, None, process=ProcessInfo(rank, 3), progress=False) for rank in range(3)]
+    for step in (0, 7, 250):  # 250 crosses an epoch boundary (8000 training points / 48)
+        parts = [trainer.batch_indices(step) for trainer in ranks]
+        assert all(len(part) == 16 for part in parts)
+        assert torch.equal(torch.cat(parts), single.batch_indices(step))
+    with pytest.raises(ValueError, match=r"batch=48 must be a multiple of group_size × world size = 4 × 5"):
+        Trainer(config, None, process=ProcessInfo(0, 5), progress=False)
+
+
+def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        "-m", "imm_kernels", "train", "--data", "toy2d", "--steps", "4", "--batch", "32", "--width", "16",
+        "--depth", "1", "--out", str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert (out / CHECKPOINT_DIR / "model.safetensors").is_file()
+    assert (out / "samples" / "step_000004.png").is_file()
