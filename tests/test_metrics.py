@@ -102,3 +102,15 @@ def test_fd_and_confidence_bad_samples(evaluator):
     nan_samples = torch.zeros(10, 1, 8, 8)
     nan_samples[3, 0, 2, 2] = math.nan
     assert math.isnan(evaluator.fd(nan_samples))
+
+
+def test_classifier_does_not_depend_on_the_thread_count(evaluator):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        model, _ = train_digit_classifier(seed=0)
+        assert torch.get_num_threads() == (2 if threads == 1 else 1)
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, evaluator.classifier.state_dict()[name]), name

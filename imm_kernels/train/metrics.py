@@ -86,9 +86,20 @@ class DigitClassifier(nn.Module):
 def train_digit_classifier(seed: int = 0) -> tuple[DigitClassifier, float]:
     """Trains the classifier on the digits train split; returns it (eval mode) and its test-split accuracy.
 
-    Deterministic for a seed; the global RNG is left as it was.
+    Deterministic for a seed whatever the caller's thread count (training runs on one thread,
+    whose reduction order is fixed); the global RNG and thread count are left as they were.
     """
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, accuracy = _train_classifier(train, test, seed)
+    finally:
+        torch.set_num_threads(threads)
+    return model, accuracy
+
+
+def _train_classifier(train, test, seed: int) -> tuple[DigitClassifier, float]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitClassifier()
