@@ -11,6 +11,7 @@
 // on (G, D), and partial sums are added in a fixed order, so results are bitwise
 // the same for any thread count. Nothing (2M)x(2M)xD is ever allocated.
 #include "mmd.h"
+#include "mmd_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -210,24 +211,6 @@ acc_t sum_lanes(const acc_t* lanes) {
   return tmp[0];
 }
 
-// (close, d, k) of one pair, NaN-preserving: `s <= eps^2` is false for NaN.
-template <typename acc_t>
-struct LaplaceTerms {
-  bool close;
-  acc_t dist, kern;
-
-  LaplaceTerms(acc_t sqdist, acc_t bandwidth, acc_t eps, acc_t num_features) {
-    close = sqdist <= eps * eps;
-    dist = close ? eps : std::sqrt(sqdist);
-    kern = std::exp(-bandwidth * dist / num_features);
-  }
-};
-
-template <typename acc_t>
-acc_t pair_sign(int64_t i, int64_t j, int64_t group_size) {
-  return (i < group_size) == (j < group_size) ? acc_t(1) : acc_t(-1);
-}
-
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
                     const Plan& plan, double eps, at::Tensor& loss, at::Tensor& sqdist, at::Tensor& mmd2,
@@ -369,16 +352,7 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
 void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
                   int64_t group_size) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "mmd (native CPU): x and y must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "mmd (native): x and y must be (B, D) of one shape");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "mmd (native): x and y must share a dtype");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "mmd (native): x and y need a unit column stride");
-  TORCH_CHECK(group_size >= 1 && x.size(0) % group_size == 0, "mmd (native): group_size must divide B");
-  const auto cdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t num_groups = x.size(0) / group_size;
-  for (const at::Tensor* t : {&bandwidth, &weight}) {
-    TORCH_CHECK(t->scalar_type() == cdtype && t->is_contiguous() && t->dim() == 1 && t->size(0) == num_groups,
-                "mmd (native): bandwidth and weight must be contiguous (G,) tensors of the compute dtype");
-  }
+  check_mmd_inputs(x, y, bandwidth, weight, group_size, "native");
 }
 
 }  // namespace
@@ -405,12 +379,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
   check_inputs(x, y, bandwidth, weight, group_size);
   const auto options = bandwidth.options();
   const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
-  TORCH_CHECK(grad_loss.scalar_type() == bandwidth.scalar_type() && grad_loss.dim() == 1 &&
-                  grad_loss.size(0) == plan.num_groups,
-              "mmd (native): grad_loss must be (G,) in the compute dtype");
-  TORCH_CHECK(sqdist.is_contiguous() && sqdist.scalar_type() == bandwidth.scalar_type() &&
-                  sqdist.sizes() == at::IntArrayRef({plan.num_groups, plan.rows, plan.rows}),
-              "mmd (native): sqdist must be the contiguous (G, 2M, 2M) tensor the forward saved");
+  check_backward_inputs(grad_loss, sqdist, bandwidth, plan.num_groups, plan.rows, "native");
   at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
   if (need_dx || need_dy) {

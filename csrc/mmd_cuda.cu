@@ -15,6 +15,7 @@
 // MAX_M(2*MAX_M+1) pair sums); a runtime group_size <= MAX_M leaves the extra
 // rows unused.
 #include "mmd.h"
+#include "mmd_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -61,24 +62,6 @@ __device__ __forceinline__ void load_columns(const scalar_t* __restrict__ x, con
 
 // Index of the upper-triangle pair (i, j), i <= j, among ROWS rows.
 __host__ __device__ constexpr int pair_index(int i, int j, int rows) { return i * rows - i * (i - 1) / 2 + (j - i); }
-
-template <typename acc_t>
-struct LaplaceTerms {
-  bool close;
-  acc_t dist, kern;
-
-  // NaN-preserving: `s <= eps^2` is false for NaN.
-  __device__ LaplaceTerms(acc_t sqdist, acc_t bandwidth, acc_t eps, acc_t num_features) {
-    close = sqdist <= eps * eps;
-    dist = close ? eps : sqrt(sqdist);
-    kern = exp(-bandwidth * dist / num_features);
-  }
-};
-
-template <typename acc_t>
-__device__ acc_t pair_sign(int i, int j, int group_size) {
-  return (i < group_size) == (j < group_size) ? acc_t(1) : acc_t(-1);
-}
 
 // From the packed upper triangle of one group's S: store S (2M x 2M), MMD^2, dMMD^2/db, loss.
 template <typename acc_t, int ROWS>
@@ -289,17 +272,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& ba
   TORCH_CHECK(x.is_cuda() && y.device() == x.device() && bandwidth.device() == x.device() &&
                   weight.device() == x.device(),
               "mmd (cuda): all tensors must be on one CUDA device");
-  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "mmd (cuda): x and y must be (B, D) of one shape");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "mmd (cuda): x and y must share a dtype");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "mmd (cuda): x and y need a unit column stride");
-  TORCH_CHECK(group_size >= 1 && group_size <= kCudaMaxGroupSize && x.size(0) % group_size == 0,
-              "mmd (cuda): group_size must divide B and be at most ", kCudaMaxGroupSize);
-  const auto cdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t num_groups = x.size(0) / group_size;
-  for (const at::Tensor* t : {&bandwidth, &weight}) {
-    TORCH_CHECK(t->scalar_type() == cdtype && t->is_contiguous() && t->dim() == 1 && t->size(0) == num_groups,
-                "mmd (cuda): bandwidth and weight must be contiguous (G,) tensors of the compute dtype");
-  }
+  TORCH_CHECK(group_size <= kCudaMaxGroupSize, "mmd (cuda): group_size must be at most ", kCudaMaxGroupSize);
+  check_mmd_inputs(x, y, bandwidth, weight, group_size, "cuda");
 }
 
 // Calls body(Int<MAX_M>, Int<VEC>) for the plan's instantiation (C++17: no templated lambdas).
@@ -369,12 +343,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const Plan plan = make_plan(x, y, group_size);
   const int64_t rows = 2 * group_size;
-  TORCH_CHECK(grad_loss.scalar_type() == bandwidth.scalar_type() && grad_loss.dim() == 1 &&
-                  grad_loss.size(0) == plan.num_groups && grad_loss.device() == x.device(),
-              "mmd (cuda): grad_loss must be (G,) in the compute dtype");
-  TORCH_CHECK(sqdist.is_contiguous() && sqdist.scalar_type() == bandwidth.scalar_type() &&
-                  sqdist.sizes() == at::IntArrayRef({plan.num_groups, rows, rows}),
-              "mmd (cuda): sqdist must be the contiguous (G, 2M, 2M) tensor the forward saved");
+  check_backward_inputs(grad_loss, sqdist, bandwidth, plan.num_groups, rows, "cuda");
   at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
   if (!(need_dx || need_dy)) return {dx, dy};
