@@ -3,12 +3,14 @@
 Set TRITON_INTERPRET=1 before importing to run the Triton kernels on the CPU.
 """
 
-from . import schedules
+from . import sampling, schedules
 from .backends import BackendUnavailableError, backends
 from .functional import mmd_loss
 from .loss import IMMLoss
+from .ops.adaln import adaln_modulate, adaln_residual_modulate
+from .ops.timestep import timestep_embedding
 from .precond import Preconditioner
 
 __version__ = "0.1.0"
 
-__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "__version__", "schedules", "Preconditioner", "IMMLoss"]
+__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "__version__", "schedules", "Preconditioner", "IMMLoss", "adaln_modulate", "adaln_residual_modulate", "timestep_embedding", "sampling"]

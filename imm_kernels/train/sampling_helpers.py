@@ -1,7 +1,7 @@
-"""Minimal pushforward sampling for evaluation and training-time sample images.
+"""Sample writers for evaluation and training-time sample images.
 
-`imm_kernels.sampling` is the full sampler (grids, restart, CUDA graphs); this is
-what the trainer and `imm-kernels eval` need: x ← f_{t_next, t_cur}(x) over a uniform grid.
+`pushforward_sample` is `imm_kernels.sampling.pushforward` on the uniform grid
+linspace(T, eps, num_steps + 1), which is what the trainer and `imm-kernels eval` use.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..precond import Preconditioner
+from ..sampling import pushforward, time_grid
 from .data import save_image_grid, save_scatter_plot
 
 SAMPLE_STEPS = (1, 2, 4, 8)
@@ -21,7 +22,6 @@ SAMPLE_STEPS = (1, 2, 4, 8)
 SCATTER_EXTENT = 3.0
 
 
-@torch.no_grad()
 def pushforward_sample(
     net: Preconditioner, noise: Tensor, num_steps: int, class_labels: Tensor | None = None, cfg_scale: float = 1.0
 ) -> Tensor:
@@ -33,17 +33,9 @@ def pushforward_sample(
     """
     if not isinstance(num_steps, Integral) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    grid = torch.linspace(net.T, net.eps, num_steps + 1, dtype=torch.float64).tolist()
-    was_training = net.training
-    net.eval()
-    x = noise
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
-        if cfg_scale == 1.0:
-            x = net(x, t_cur, t_next, class_labels)
-        else:
-            x = net.guided(x, t_cur, t_next, class_labels, cfg_scale)
-    net.train(was_training)
-    return x
+    grid = time_grid("uniform", num_steps, net.T, net.eps)
+    state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32  # the net's output dtype
+    return pushforward(net, noise, grid, class_labels, None if cfg_scale == 1.0 else cfg_scale, dtype=state_dtype)
 
 
 def prior_noise(net: Preconditioner, num_samples: int, shape: tuple[int, ...], seed: int) -> Tensor:
