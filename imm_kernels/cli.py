@@ -3,6 +3,9 @@
     imm-kernels demo      train IMM on 8×8 digits (4–5 min on 2 CPU cores), print the metric table
     imm-kernels train     train IMM on digits, 2-D toys or your data (also under torchrun)
     imm-kernels eval      sample a checkpoint: metric table for digits, plots or arrays otherwise
+    imm-kernels sample    few-step samples of a checkpoint (CUDA-graph replay on a GPU) as one PNG
+    imm-kernels bench-sampling
+                          latency per sampling call: eager vs torch.compile vs GraphedSampler
     imm-kernels report    backends available here, their accuracy against float64,
                           and forward+backward timings against the eager reference
 """
@@ -281,6 +284,160 @@ def evaluate(args) -> None:
     print(f"samples: {', '.join(map(str, paths))}")
 
 
+# Few-step sampling and its latency.
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,4,16, got {text!r}")
+    return sizes
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1.4 or 10,1.4, got {text!r}") from None
+
+
+def _sample_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here")
+    return torch.device(name)
+
+
+def _side_by_side(panels: list[Path], out: Path) -> Path:
+    """The PNG panels joined left to right, 8 white pixels apart, as one PNG."""
+    from PIL import Image
+
+    images = [Image.open(panel) for panel in panels]
+    gap = 8
+    joined = Image.new("L", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)), 255)
+    left = 0
+    for image in images:
+        joined.paste(image.convert("L"), (left, 0))
+        left += image.width + gap
+    joined.save(out, format="PNG")
+    return out
+
+
+def sample(args) -> None:
+    import tempfile
+
+    import numpy as np
+
+    from .sampling import GraphedSampler, time_grid
+    from .train.data import save_image_grid, save_scatter_plot
+    from .train.evaluation import load_ema_net
+    from .train.sampling_helpers import SCATTER_EXTENT, balanced_labels, prior_noise
+
+    out = Path(args.out)
+    try:
+        net, config, data_info = load_ema_net(args.checkpoint)
+        if args.cfg_scale is not None and not net.label_dim:
+            raise ValueError("--cfg-scale needs a conditional checkpoint (trained with --conditional)")
+        if args.mid_eta is not None and (args.grid != "eta" or len(args.steps) != 1):
+            raise ValueError("--mid-eta needs --grid eta and a single step count in --steps")
+        if args.grid == "eta" and args.mid_eta is None:
+            raise ValueError("--grid eta needs --mid-eta (the steps - 1 intermediate eta values)")
+        is_points = data_info.kind == "vector" and data_info.shape == (2,)
+        batch = args.batch if args.batch is not None else (1000 if is_points else 16)
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        if data_info.kind == "vector" and not is_points and out.suffix != ".npy":
+            raise ValueError(f"--out must end in .npy for {data_info.shape} vectors (an array of samples), got {out}")
+        grids = {n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=config.schedule)
+                 for n in args.steps}
+        device = _sample_device(args.device)
+    except _SETUP_ERRORS as err:
+        _fail("sample", err)
+
+    net = net.to(device)
+    noise = prior_noise(net, batch, data_info.shape, args.seed)
+    labels = balanced_labels(net, batch)
+    rows = []
+    for num_steps, grid in grids.items():
+        sampler = GraphedSampler(net, batch, grid, args.cfg_scale, sampler=args.sampler,
+                                 sample_shape=data_info.shape)
+        generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # restart's fresh noise
+        rows.append(sampler(noise, labels, generator=generator).float().cpu())
+    mode = "CUDA graph" if device.type == "cuda" else "eager, CPU"
+    print(f"sampled {batch} x steps {','.join(map(str, grids))} ({args.sampler}, {args.grid} grid, "
+          f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if data_info.kind == "image":
+        save_image_grid(torch.cat(rows), out, nrow=batch)
+    elif is_points:
+        with tempfile.TemporaryDirectory() as tmp:
+            panels = [save_scatter_plot(points, Path(tmp) / f"{n}.png", extent=SCATTER_EXTENT)
+                      for n, points in zip(grids, rows)]
+            _side_by_side(panels, out)
+    else:
+        np.save(out, torch.stack(rows).numpy())
+    layout = "one row per step count" if data_info.kind == "image" else (
+        "one panel per step count, left to right" if is_points else "array (step counts, batch, *shape)")
+    print(f"samples: {out} ({layout})")
+
+
+def bench_sampling(args) -> None:
+    from .sampling import time_grid
+    from .sampling.latency import bench_net, interleaved_medians_ms, kernel_time_ms, sampling_inputs, sampling_providers
+
+    on_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if on_cuda else "cpu")
+    model = args.model or ("dit-s2" if on_cuda else "tiny")
+    batches = args.batch or ((1,) if args.quick else (1, 4, 16, 64) if on_cuda else (1, 16))
+    step_counts = args.steps or ((1, 8) if args.quick else (1, 2, 4, 8))
+    repeats = args.repeats or (3 if args.quick else 20 if on_cuda else 10)
+    use_compile = on_cuda if args.compile is None else args.compile
+    try:
+        if repeats < 1 or min(batches) < 1:
+            raise ValueError("--repeats and --batch must be >= 1")
+        net, sample_shape = bench_net(model, device)
+    except (*_SETUP_ERRORS, ImportError) as err:
+        _fail("bench-sampling", err)
+    providers = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler") if use_compile else (
+        "eager", "GraphedSampler")
+    name = torch.cuda.get_device_name() if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"imm-kernels bench-sampling: {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, "
+          f"samples {'x'.join(map(str, sample_shape))}), pushforward on a uniform grid, {name}, "
+          f"torch {torch.__version__}; ms per call, median of {repeats}")
+    if not on_cuda:
+        print("no GPU: GraphedSampler runs the eager sampler here (no CUDA graphs), so its column is the eager path "
+              "behind the same API" + ("" if use_compile else "; torch.compile skipped (--compile to include it)"))
+    header = f"{'batch':>5} {'steps':>5} {'cfg':>5} {'eager':>9}"
+    header += f" {'compiled':>9}" if use_compile else ""
+    header += f" {'graphed':>9} {'vs eager':>8}" + (f" {'vs comp.':>8}" if use_compile else "")
+    header += f" {'GPU busy':>8}" if on_cuda else ""
+    print(header)
+    print("-" * len(header))
+    for batch in batches:
+        for num_steps in step_counts:
+            for cfg_scale in (None, args.cfg_scale):
+                noise, labels = sampling_inputs(net, batch, sample_shape, cfg_scale)
+                times = time_grid("uniform", num_steps, net.T, net.eps).tolist()
+                calls = sampling_providers(net, noise, labels, times, cfg_scale, providers)
+                ms = interleaved_medians_ms(calls, repeats)
+                graphed = ms["GraphedSampler"]
+                line = f"{batch:5d} {num_steps:5d} {'-' if cfg_scale is None else cfg_scale:>5} {ms['eager']:9.3f}"
+                if use_compile:
+                    line += f" {ms['torch.compile(reduce-overhead)']:9.3f}"
+                line += f" {graphed:9.3f} {ms['eager'] / graphed:7.2f}x"
+                if use_compile:
+                    line += f" {ms['torch.compile(reduce-overhead)'] / graphed:7.2f}x"
+                if on_cuda:
+                    line += f" {100 * kernel_time_ms(calls['GraphedSampler']) / graphed:7.1f}%"
+                print(line, flush=True)
+    if on_cuda:
+        print("GPU busy: summed kernel and copy time of one GraphedSampler call (torch.profiler) / its median wall time")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="imm-kernels", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +470,39 @@ def main(argv=None) -> None:
                           help="classifier-free guidance scale for conditional models (default: %(default)s)")
     eval_cmd.add_argument("--out", help="folder for the sample files (default: CHECKPOINT/eval)")
     eval_cmd.set_defaults(run=evaluate)
+
+    sample_cmd = commands.add_parser("sample", help="few-step samples of a checkpoint as one PNG (a row per step count)")
+    sample_cmd.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint folder")
+    sample_cmd.add_argument("--steps", type=_step_counts, default=(1, 2, 4, 8),
+                            help="comma-separated step counts, one row each, same noise (default: 1,2,4,8)")
+    sample_cmd.add_argument("--cfg-scale", type=float, default=None,
+                            help="classifier-free guidance scale (conditional checkpoints; default: no guidance)")
+    sample_cmd.add_argument("--batch", type=int, default=None,
+                            help="samples per step count (default: 16 images, 1000 points for 2-D data)")
+    sample_cmd.add_argument("--sampler", choices=("pushforward", "restart"), default="pushforward",
+                            help="(default: %(default)s)")
+    sample_cmd.add_argument("--grid", choices=("uniform", "edm", "eta"), default="uniform",
+                            help="time grid: uniform in t, edm (rho=7 in eta) or eta (--mid-eta) (default: %(default)s)")
+    sample_cmd.add_argument("--mid-eta", type=_float_list, default=None, metavar="ETA[,ETA...]",
+                            help="intermediate eta values for --grid eta, e.g. 1.4 for 2 steps")
+    sample_cmd.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: %(default)s)")
+    sample_cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                            help="auto: CUDA when available (default: %(default)s)")
+    sample_cmd.add_argument("--out", required=True,
+                            help="PNG to write (a .npy array for vector data other than 2-D points)")
+    sample_cmd.set_defaults(run=sample)
+
+    bench_cmd = commands.add_parser("bench-sampling", help="latency per sampling call: eager, compiled, graphed")
+    bench_cmd.add_argument("--model", choices=("tiny", "dit-s2", "dit-xl2"), default=None,
+                           help="random-weight model (default: dit-s2 on CUDA, tiny on a CPU)")
+    bench_cmd.add_argument("--batch", type=_batch_sizes, default=None, help="comma-separated batch sizes")
+    bench_cmd.add_argument("--steps", type=_step_counts, default=None, help="comma-separated step counts")
+    bench_cmd.add_argument("--cfg-scale", type=float, default=1.5, help="the guided rows' scale (default: %(default)s)")
+    bench_cmd.add_argument("--repeats", type=int, default=None, help="timed calls per provider (median)")
+    bench_cmd.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                           help="include torch.compile(mode='reduce-overhead') (default: on CUDA only)")
+    bench_cmd.add_argument("--quick", action="store_true", help="batch 1, steps 1 and 8, 3 repeats")
+    bench_cmd.set_defaults(run=bench_sampling)
 
     report_cmd = commands.add_parser("report", help="backends, accuracy and timings of mmd_loss here")
     report_cmd.add_argument("--repeats", type=int, default=20, help="timed runs per provider (median)")

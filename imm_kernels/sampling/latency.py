@@ -1,0 +1,135 @@
+"""Latency of one sampling call: the eager sampler, torch.compile of its loop, and GraphedSampler.
+
+Shared by `imm-kernels bench-sampling` and benchmarks/bench_sampling.py. A call is the
+whole N-step loop for one batch (with guidance when cfg_scale is set), timed on the host
+from launch to a synchronised result: what a caller of the sampler waits.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .graphs import GraphedSampler
+from .samplers import one_hot_labels, pushforward, pushforward_loop
+
+__all__ = ["PROVIDERS", "BENCH_MODELS", "bench_net", "sampling_inputs", "sampling_providers", "interleaved_medians_ms", "kernel_time_ms"]
+
+PROVIDERS = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler")
+
+
+def sampling_inputs(net, batch: int, sample_shape: tuple[int, ...], cfg_scale: float | None, seed: int = 0):
+    """Prior noise (B, *sample_shape) and class labels (None for an unconditional net) on the net's device."""
+    device = next(net.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    noise = (net.sigma_data * torch.randn(batch, *sample_shape, generator=gen)).to(device)
+    labels = torch.randint(0, net.label_dim, (batch,), generator=gen).to(device) if net.label_dim else None
+    return noise, labels
+
+
+def sampling_providers(
+    net, noise: Tensor, labels: Tensor | None, times: list[float], cfg_scale: float | None,
+    providers: tuple[str, ...] = PROVIDERS,
+) -> dict[str, Callable[[], Tensor]]:
+    """One zero-argument sampling call per provider, all on the same inputs and grid.
+
+    The compiled provider is torch.compile(mode="reduce-overhead") of the same loop the
+    eager sampler runs (on CUDA it records CUDA graphs of what it compiles).
+    """
+    net.eval()
+    calls: dict[str, Callable[[], Tensor]] = {}
+    if "eager" in providers:
+        calls["eager"] = lambda: pushforward(net, noise, times, labels, cfg_scale)
+    if "torch.compile(reduce-overhead)" in providers:
+        pairs = list(zip(times[:-1], times[1:]))
+        one_hot = one_hot_labels(net, labels, noise.shape[0], noise.device)
+
+        def loop(x: Tensor, label_rows: Tensor | None) -> Tensor:
+            return pushforward_loop(net, x, pairs, label_rows, cfg_scale)
+
+        torch._dynamo.reset()  # each grid and batch compiles afresh, not against a recompile limit
+        compiled = torch.compile(loop, mode="reduce-overhead")
+
+        def compiled_call() -> Tensor:
+            with torch.no_grad():
+                return compiled(noise, one_hot)
+
+        calls["torch.compile(reduce-overhead)"] = compiled_call
+    if "GraphedSampler" in providers:
+        sampler = GraphedSampler(net, noise.shape[0], times, cfg_scale, sample_shape=tuple(noise.shape[1:]))
+        calls["GraphedSampler"] = lambda: sampler(noise, labels)
+    return calls
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved_medians_ms(calls: dict[str, Callable[[], Tensor]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall time per call of each provider, timed round-robin so that drift hits all alike."""
+    for fn in calls.values():
+        for _ in range(warmup):  # compilation, graph capture, allocator
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, fn in calls.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def kernel_time_ms(call: Callable[[], Tensor]) -> float:
+    """Summed device time (kernels and copies) of one call, from torch.profiler: with the call's
+    wall time it gives the fraction of the call during which the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        _sync()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in device_events) / 1e3
+
+
+# The models timed by `imm-kernels bench-sampling` and benchmarks/bench_sampling.py.
+
+BENCH_MODELS = ("tiny", "dit-s2", "dit-xl2")
+_DIT_CONFIGS = {"dit-s2": "DiT_S_2", "dit-xl2": "DiT_XL_2"}
+
+
+def bench_net(model: str, device: torch.device | str, num_classes: int = 1000):
+    """(net, sample_shape): a conditional Preconditioner with random weights, in eval mode on device.
+
+    "tiny" is a small conv backbone on 8×8 images (10 classes), quick on a CPU; the DiTs are
+    DiT-S/2 and DiT-XL/2 on 32×32×4 latents (1000 classes), bf16 autocast on CUDA.
+    """
+    from ..precond import Preconditioner
+
+    if model not in BENCH_MODELS:
+        raise ValueError(f"model must be one of {BENCH_MODELS}, got {model!r}")
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if model == "tiny":
+            from ..models.small import ConvBackbone
+
+            backbone, sample_shape, label_dim = ConvBackbone(1, 8, channels=32, num_blocks=2, label_dim=10), (1, 8, 8), 10
+        else:
+            from .. import models  # the DiT lands in its own change; imported only when asked for
+
+            backbone = getattr(models, _DIT_CONFIGS[model])(input_size=32, in_channels=4, num_classes=num_classes)
+            sample_shape, label_dim = (4, 32, 32), num_classes
+        for param in backbone.parameters():  # random weights: the zero-initialised layers too
+            param.data.normal_(0, 0.02)
+    mixed_precision = "bf16" if device.type == "cuda" and model != "tiny" else None
+    net = Preconditioner(backbone, label_dim=label_dim, mixed_precision=mixed_precision)
+    return net.to(device).eval().requires_grad_(False), sample_shape
