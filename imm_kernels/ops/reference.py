@@ -10,7 +10,10 @@ It is exact (direct differences, no Gram expansion) and memory-hungry on purpose
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -22,6 +25,9 @@ __all__ = [
     "mmd_loss_cdist",
     "reduce_groups",
     "as_per_group",
+    "adaln_modulate_reference",
+    "adaln_residual_modulate_reference",
+    "timestep_embedding_reference",
 ]
 
 
@@ -121,3 +127,45 @@ def mmd_loss_cdist(
     x: Tensor, y: Tensor, group_size: int, bandwidth=1.0, weight=None, *, eps: float = 1e-8, reduction: str = "mean"
 ) -> Tensor:
     return _grouped_to_loss(grouped_mmd_cdist, x, y, group_size, bandwidth, weight, eps, reduction)
+
+
+# ----------------------------------------------------------------------------
+# adaLN modulation and the timestep embedding (the DiT's building blocks)
+# ----------------------------------------------------------------------------
+
+
+def adaln_modulate_reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """DiT's `modulate(norm(x), shift, scale)`: LayerNorm over H without affine, then
+    LN(x) * (1 + scale) + shift per sample. x is (N, L, H); shift and scale are (N, H),
+    used in x's dtype (as the fused op reads them), so the result has x's dtype.
+    """
+    normed = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return normed * (1 + scale.to(x.dtype)[:, None]) + shift.to(x.dtype)[:, None]
+
+
+def adaln_residual_modulate_reference(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """A DiT block's gated residual followed by the next modulated LayerNorm:
+    x_new = x + gate * y, h = LN(x_new) * (1 + scale) + shift; returns (h, x_new).
+    """
+    x_new = x + gate.to(x.dtype)[:, None] * y.to(x.dtype)
+    return adaln_modulate_reference(x_new, shift, scale, eps), x_new
+
+
+def timestep_embedding_reference(t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
+    """DiT's sinusoidal embedding [cos(t f_i), sin(t f_i)] (+ a zero column when dim is odd),
+    f_i = max_period^(-i / half), i < half = dim // 2.
+
+    Computed in float64 and rounded once: the DiT's own fp32 formula is off by up
+    to ~1e-4 at t ~ 1000 (t * f_i rounded to fp32 is a 1000-radian angle with an
+    error of ~6e-5 rad). Returns float32 (float64 for float64 t).
+    """
+    half = dim // 2
+    exponents = torch.arange(half, dtype=torch.float64, device=t.device) / half
+    freqs = torch.exp(-math.log(max_period) * exponents)
+    args = t.to(torch.float64)[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, embedding.new_zeros(embedding.shape[0], 1)], dim=-1)
+    return embedding.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
