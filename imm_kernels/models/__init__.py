@@ -1,5 +1,35 @@
 """Backbones G(x, c_noise_t, c_noise_s, class_labels) for imm_kernels.Preconditioner."""
 
+from .dit import (
+    DiT,
+    DiT_B_2,
+    DiT_B_4,
+    DiT_B_8,
+    DiT_L_2,
+    DiT_L_4,
+    DiT_L_8,
+    DiT_models,
+    DiT_S_2,
+    DiT_S_4,
+    DiT_S_8,
+    DiT_XL_2,
+    DiT_XL_4,
+    DiT_XL_8,
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+)
 from .small import ConvBackbone, MLPBackbone
 
-__all__ = ["ConvBackbone", "MLPBackbone"]
+__all__ = [
+    "ConvBackbone",
+    "MLPBackbone",
+    "DiT",
+    "DiTBlock",
+    "FinalLayer",
+    "LabelEmbedder",
+    "TimestepEmbedder",
+    "DiT_models",
+    *(f"DiT_{size}_{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)),
+]
