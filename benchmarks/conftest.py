@@ -1,8 +1,10 @@
 """Fixtures and the summary for `pytest benchmarks/ --benchmark-only`.
 
-Each benchmark records one row (its extra_info). At the end, a table of them
-is printed last, and the rows are written as JSON and markdown to the folder
-$IMM_BENCH_OUT (default: bench-out/ in the repository root).
+Each benchmark records one row (its extra_info). At the end, one table per op
+(a row's "op", default "mmd_loss") is printed last, and each op's rows are
+written as <op>.json and <op>.md to the folder $IMM_BENCH_OUT (default:
+bench-out/ in the repository root). A row may name its shape column
+("shape_label", default "BxMxD") and say how its byte floor is counted ("floor_note").
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = pytest.StashKey[dict]()
-COLUMNS = ("BxMxD", "dtype", "mode", "provider", "ms", "GB/s", "% copy BW", "peak MiB", "vs eager", "vs compiled", "note")
+COLUMNS = ("shape", "dtype", "mode", "provider", "ms", "GB/s", "% copy BW", "peak MiB", "vs eager", "vs compiled", "note")
 
 
 def pytest_configure(config):
@@ -109,31 +111,34 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
     return cells
 
 
-def _header_lines(env: dict) -> list[str]:
+MMD_FLOOR_NOTE = "floor bytes (fwd 2, fwd+bwd 5 x B*D*itemsize)"
+
+
+def _header_lines(env: dict, floor_note: str) -> list[str]:
     copy = env["copy_bandwidth_gbps"]
     return [
         f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date_utc']} UTC",
         f"measured copy bandwidth: {_fmt(copy, '.1f') or 'n/a'} GB/s (read + write) | "
-        f"device time: {env['device_time']} | GB/s: floor bytes (fwd 2, fwd+bwd 5 x B*D*itemsize) / time",
+        f"device time: {env['device_time']} | GB/s: {floor_note} / time",
         f"command: {env['command']}",
     ]
 
 
-def _plain_table(cells: list[list[str]]) -> list[str]:
-    used = [i for i in range(len(COLUMNS)) if i < len(COLUMNS) - 1 or any(c[i] for c in cells)]
-    widths = {i: max(len(COLUMNS[i]), *(len(c[i]) for c in cells)) for i in used}
+def _plain_table(columns: tuple[str, ...], cells: list[list[str]]) -> list[str]:
+    used = [i for i in range(len(columns)) if i < len(columns) - 1 or any(c[i] for c in cells)]
+    widths = {i: max(len(columns[i]), *(len(c[i]) for c in cells)) for i in used}
     numeric = set(range(4, 10))
 
     def line(values):
         return "  ".join(v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in zip(used, values)).rstrip()
 
-    head = line([COLUMNS[i] for i in used])
+    head = line([columns[i] for i in used])
     return [head, "-" * len(head), *(line([c[i] for i in used]) for c in cells)]
 
 
-def _markdown_table(cells: list[list[str]]) -> list[str]:
-    align = ["---" if i < 4 or i == 10 else "--:" for i in range(len(COLUMNS))]
-    return [f"| {' | '.join(row)} |" for row in (COLUMNS, align, *cells)]
+def _markdown_table(columns: tuple[str, ...], cells: list[list[str]]) -> list[str]:
+    align = ["---" if i < 4 or i == 10 else "--:" for i in range(len(columns))]
+    return [f"| {' | '.join(row)} |" for row in (columns, align, *cells)]
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
@@ -143,14 +148,19 @@ def pytest_terminal_summary(terminalreporter, config):
     if not rows:
         return
     env = _environment(config, results["copy_gbps"])
-    header, cells = _header_lines(env), _table_cells(rows)
-
     out_dir = Path(os.environ.get("IMM_BENCH_OUT") or REPO_ROOT / "bench-out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "mmd_loss.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
-    markdown = ["# mmd_loss benchmarks", "", *(f"- {line}" for line in header), "", *_markdown_table(cells)]
-    (out_dir / "mmd_loss.md").write_text("\n".join(markdown) + "\n")
+    by_op: dict[str, list[dict]] = {}
+    for row in rows:
+        by_op.setdefault(row.get("op", "mmd_loss"), []).append(row)
+    for op, op_rows in by_op.items():
+        header = _header_lines(env, op_rows[0].get("floor_note", MMD_FLOOR_NOTE))
+        columns = (op_rows[0].get("shape_label", "BxMxD"), *COLUMNS[1:])
+        cells = _table_cells(op_rows)
+        (out_dir / f"{op}.json").write_text(json.dumps({"environment": env, "results": op_rows}, indent=2) + "\n")
+        markdown = [f"# {op} benchmarks", "", *(f"- {line}" for line in header), "", *_markdown_table(columns, cells)]
+        (out_dir / f"{op}.md").write_text("\n".join(markdown) + "\n")
 
-    terminalreporter.section("imm_kernels mmd_loss benchmarks")
-    for line in [*header, "", *_plain_table(cells), "", f"written to {out_dir}/mmd_loss.{{json,md}}"]:
-        terminalreporter.write_line(line)
+        terminalreporter.section(f"imm_kernels {op} benchmarks")
+        for line in [*header, "", *_plain_table(columns, cells), "", f"written to {out_dir}/{op}.{{json,md}}"]:
+            terminalreporter.write_line(line)
