@@ -31,6 +31,13 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
     const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
     bool need_dy);
 
+// The forward and, for an upstream gradient grad_loss (G,) known in advance, (dx, dy) as the
+// backward would return them for it: one pass over each group while its rows are in cache.
+// -> (loss_g, S, MMD^2_g, dMMD^2_g/db, dx, dy).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_with_grad_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
+    int64_t group_size, double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy);
+
 #ifdef IMM_KERNELS_WITH_CUDA
 constexpr int64_t kCudaMaxGroupSize = 8;
 

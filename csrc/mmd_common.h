@@ -50,12 +50,18 @@ inline void check_mmd_inputs(const at::Tensor& x, const at::Tensor& y, const at:
   }
 }
 
-// What the backward receives besides the inputs: grad_loss (G,) and the S the forward saved.
-inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& sqdist, const at::Tensor& bandwidth,
-                                  int64_t num_groups, int64_t rows, const char* backend) {
+// The upstream gradient: (G,) in the compute dtype, any stride.
+inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& bandwidth, int64_t num_groups,
+                            const char* backend) {
   TORCH_CHECK(grad_loss.scalar_type() == bandwidth.scalar_type() && grad_loss.dim() == 1 &&
                   grad_loss.size(0) == num_groups && grad_loss.device() == bandwidth.device(),
               "mmd (", backend, "): grad_loss must be (G,) in the compute dtype");
+}
+
+// What the backward receives besides the inputs: grad_loss (G,) and the S the forward saved.
+inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& sqdist, const at::Tensor& bandwidth,
+                                  int64_t num_groups, int64_t rows, const char* backend) {
+  check_grad_loss(grad_loss, bandwidth, num_groups, backend);
   TORCH_CHECK(sqdist.is_contiguous() && sqdist.scalar_type() == bandwidth.scalar_type() &&
                   sqdist.sizes() == at::IntArrayRef({num_groups, rows, rows}),
               "mmd (", backend, "): sqdist must be the contiguous (G, 2M, 2M) tensor the forward saved");

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -95,6 +96,43 @@ void block_rows(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int
   for (int64_t r = rows; r < static_cast<int64_t>(ptrs.size()); ++r) ptrs[r] = zeros;
 }
 
+#if defined(__x86_64__)
+#include <emmintrin.h>  // SSE2 streaming stores: every x86-64 has them
+#endif
+
+// A gradient at least this large does not stay in cache anyway: its rows are written with
+// streaming stores, which skip reading each line before overwriting it (a third of the traffic).
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+// dst[0, n) = src[0, n) converted to scalar_t; streaming stores for fp32/fp64 when `streaming`.
+template <typename scalar_t, typename acc_t>
+void store_row(scalar_t* dst, const acc_t* src, int64_t n, bool streaming) {
+  int64_t c = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (streaming) {
+      constexpr int64_t per_store = 16 / sizeof(acc_t);
+      for (; c < n && reinterpret_cast<std::uintptr_t>(dst + c) % 16 != 0; ++c) dst[c] = src[c];
+      for (; c + per_store <= n; c += per_store) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
+        } else {
+          _mm_stream_pd(dst + c, _mm_loadu_pd(src + c));
+        }
+      }
+    }
+  }
+#endif
+  for (; c < n; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+}
+
+// Orders this thread's streaming stores before whatever follows the parallel region.
+inline void fence_streaming_stores() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define IMM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define IMM_INLINE inline __attribute__((always_inline))
@@ -160,6 +198,40 @@ IMM_INLINE void add_tile_sqdist(const acc_t* const* rows_i, const acc_t* const* 
   IMM_UNROLL16 for (int64_t p = 0; p < kTile * kTile; ++p) store_vector(lanes + p * L, acc[p]);
 }
 
+// The same for a diagonal tile (rows i0..i0+3 against themselves): only its 10 pairs i <= j, whose
+// lane sums go to the same slots as in add_tile_sqdist. The 4 diagonal pairs are kept because
+// (z_i - z_i)^2 is NaN for a row holding Inf or NaN, which must make the loss NaN.
+template <typename acc_t>
+IMM_INLINE void add_diagonal_tile_sqdist(const acc_t* const* rows, int64_t padded, acc_t* lanes) {
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = kLanes<acc_t>;
+  constexpr int64_t kPairs = kTile * (kTile + 1) / 2;
+  V acc[kPairs];
+  IMM_UNROLL16 for (int64_t ti = 0, p = 0; ti < kTile; ++ti) {
+    IMM_UNROLL for (int64_t tj = ti; tj < kTile; ++tj, ++p) acc[p] = load_vector<V>(lanes + (ti * kTile + tj) * L);
+  }
+  for (int64_t c = 0; c < padded; c += L) {
+    V a[kTile];
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) a[t] = load_vector<V>(rows[t] + c);
+    IMM_UNROLL for (int64_t ti = 0, p = 0; ti < kTile; ++ti) {
+      IMM_UNROLL for (int64_t tj = ti; tj < kTile; ++tj, ++p) {
+        const V diff = a[ti] - a[tj];
+        acc[p] += diff * diff;
+      }
+    }
+  }
+  IMM_UNROLL16 for (int64_t ti = 0, p = 0; ti < kTile; ++ti) {
+    IMM_UNROLL for (int64_t tj = ti; tj < kTile; ++tj, ++p) store_vector(lanes + (ti * kTile + tj) * L, acc[p]);
+  }
+}
+
+IMM_VECTOR_CLONES void add_diagonal_tile_sqdist_vec(const float* const* rows, int64_t padded, float* lanes) {
+  add_diagonal_tile_sqdist(rows, padded, lanes);
+}
+IMM_VECTOR_CLONES void add_diagonal_tile_sqdist_vec(const double* const* rows, int64_t padded, double* lanes) {
+  add_diagonal_tile_sqdist(rows, padded, lanes);
+}
+
 IMM_VECTOR_CLONES void add_tile_sqdist_vec(const float* const* rows_i, const float* const* rows_j, int64_t padded,
                                            float* lanes) {
   add_tile_sqdist(rows_i, rows_j, padded, lanes);
@@ -170,13 +242,35 @@ IMM_VECTOR_CLONES void add_tile_sqdist_vec(const double* const* rows_i, const do
 }
 
 // out[t][c] = sum_j coeff[t][j] (z_(i0+t),c - z_j,c) for 4 rows t at once, j = 0..rows-1 in order:
-// direct differences, exact when rows converge. coeff has row pitch `rows`.
+// direct differences, exact when rows converge. coeff has row pitch `rows`. Two column vectors
+// per step give 8 independent sums, enough to hide the FMA latency of the j chain.
 template <typename acc_t>
 IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* z, int64_t i0, int64_t rows,
                                         int64_t pitch, int64_t padded, acc_t* out) {
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
-  for (int64_t c = 0; c < padded; c += L) {
+  constexpr int64_t kCols = 2;
+  int64_t c = 0;
+  for (; c + kCols * L <= padded; c += kCols * L) {
+    V zi[kTile][kCols], sums[kTile][kCols];
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) {
+        zi[t][u] = load_vector<V>(z[i0 + t] + c + u * L);
+        sums[t][u] = V{};
+      }
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      V zj[kCols];
+      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) zj[u] = load_vector<V>(z[j] + c + u * L);
+      IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+        IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) sums[t][u] += coeff[(i0 + t) * rows + j] * (zi[t][u] - zj[u]);
+      }
+    }
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) store_vector(out + t * pitch + c + u * L, sums[t][u]);
+    }
+  }
+  for (; c < padded; c += L) {  // the odd last vector
     V zi[kTile], sums[kTile];
     IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
       zi[t] = load_vector<V>(z[i0 + t] + c);
@@ -211,11 +305,103 @@ acc_t sum_lanes(const acc_t* lanes) {
   return tmp[0];
 }
 
+// loss_g, MMD^2_g and dMMD^2_g/db from the group's finished S.
+template <typename acc_t>
+void finalize_group(const acc_t* sq, int64_t group, int64_t group_size, acc_t bandwidth, acc_t weight, acc_t eps,
+                    acc_t features, acc_t* loss, acc_t* mmd2, acc_t* dmmd_db) {
+  const int64_t rows = 2 * group_size;
+  const acc_t pairs = static_cast<acc_t>(group_size * group_size);
+  acc_t sum_kern = 0, sum_kern_dist = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < rows; ++j) {
+      const LaplaceTerms<acc_t> terms(sq[i * rows + j], bandwidth, eps, features);
+      const acc_t signed_kern = pair_sign<acc_t>(i, j, group_size) * terms.kern;
+      sum_kern += signed_kern;
+      sum_kern_dist += signed_kern * terms.dist;
+    }
+  }
+  mmd2[group] = sum_kern / pairs;
+  dmmd_db[group] = -sum_kern_dist / pairs / features;
+  loss[group] = weight * mmd2[group];
+}
+
+// The group's (2M x 2M) A of mmd.h for upstream gradient `grad`, row pitch 2M.
+template <typename acc_t>
+void group_coefficients(const acc_t* sq, int64_t group_size, acc_t grad, acc_t bandwidth, acc_t weight, acc_t eps,
+                        acc_t features, acc_t* coeff) {
+  const int64_t rows = 2 * group_size;
+  const acc_t pairs = static_cast<acc_t>(group_size * group_size);
+  const acc_t scale = acc_t(-2) * grad * weight * bandwidth / pairs / features;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < rows; ++j) {
+      const LaplaceTerms<acc_t> terms(sq[i * rows + j], bandwidth, eps, features);
+      coeff[i * rows + j] = terms.close ? acc_t(0) : scale * pair_sign<acc_t>(i, j, group_size) * terms.kern / terms.dist;
+    }
+  }
+}
+
+// Per-thread scratch of one task: converted/padded blocks, row pointers, 4 output rows, A.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> buf, zeros, out, coeff;
+  std::vector<const acc_t*> ptrs;
+
+  explicit Scratch(const Plan& plan)
+      : buf(plan.padded_rows * plan.block_cols), zeros(plan.block_cols, acc_t(0)), out(kTile * plan.block_cols),
+        coeff(plan.padded_rows * plan.rows, acc_t(0)),  // padding rows: zero coefficients
+        ptrs(plan.padded_rows) {}
+};
+
+// Where dz goes: dx and/or dy rows of the group (rows [first_row, last_row) of z).
+template <typename scalar_t>
+struct GradientRows {
+  scalar_t* dx;
+  scalar_t* dy;
+  int64_t first_row, last_row;
+  bool streaming;  // large outputs: streaming stores (see kStreamingBytes)
+};
+
+// dz_i = sum_j A_ij (z_i - z_j) over columns [col_begin, col_end) of the group, A in scratch.coeff.
+template <typename scalar_t, typename acc_t>
+void write_group_gradient(const GroupRows<scalar_t>& src, const Plan& plan, int64_t group, int64_t col_begin,
+                          int64_t col_end, const GradientRows<scalar_t>& dst, Scratch<acc_t>& scratch) {
+  constexpr int64_t L = kLanes<acc_t>;
+  const int64_t rows = plan.rows, group_size = plan.group_size, pitch = plan.block_cols;
+  for (int64_t col = col_begin; col < col_end; col += pitch) {
+    const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
+    block_rows(src, group, rows, col, n, padded, pitch, col_end, scratch.buf.data(), scratch.zeros.data(),
+               scratch.ptrs);
+    for (int64_t i0 = dst.first_row / kTile * kTile; i0 < dst.last_row; i0 += kTile) {
+      apply_tile_coefficients_vec(scratch.coeff.data(), scratch.ptrs.data(), i0, rows, pitch, padded,
+                                  scratch.out.data());
+      for (int64_t i = std::max(i0, dst.first_row); i < std::min(i0 + kTile, dst.last_row); ++i) {
+        scalar_t* out = i < group_size ? dst.dx + (group * group_size + i) * plan.num_features
+                                       : dst.dy + (group * group_size + i - group_size) * plan.num_features;
+        const acc_t* row = scratch.out.data() + (i - i0) * pitch;
+        store_row(out + col, row, n, dst.streaming);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+GradientRows<scalar_t> gradient_rows(at::Tensor& dx, at::Tensor& dy, bool need_dx, bool need_dy,
+                                     int64_t group_size) {
+  const int64_t bytes = (dx.numel() + dy.numel()) * static_cast<int64_t>(sizeof(scalar_t));
+  return {need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dy ? dy.data_ptr<scalar_t>() : nullptr,
+          need_dx ? 0 : group_size, need_dy ? 2 * group_size : group_size, bytes >= kStreamingBytes};
+}
+
+// The forward. With `fused_grad` (unsplit plans only) each task also writes its group's dz for the
+// upstream gradient fused_grad[g * fused_grad_stride], right after S, while the group's rows are
+// still in cache: the backward then has nothing left to read when that gradient arrives.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
                     const Plan& plan, double eps, at::Tensor& loss, at::Tensor& sqdist, at::Tensor& mmd2,
-                    at::Tensor& dmmd_db) {
+                    at::Tensor& dmmd_db, const at::Tensor* fused_grad = nullptr,
+                    GradientRows<scalar_t> fused_dst = {}) {
   using acc_t = at::opmath_type<scalar_t>;
+  TORCH_INTERNAL_ASSERT(fused_grad == nullptr || plan.num_splits == 1);
   const GroupRows<scalar_t> src{x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.stride(0), y.stride(0),
                                 plan.group_size};
   const int64_t rows = plan.rows, tile = rows * rows;
@@ -224,24 +410,34 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
                            ? sqdist
                            : at::empty({plan.num_groups, plan.num_splits, rows, rows}, sqdist.options());
   acc_t* partial_ptr = partial.data_ptr<acc_t>();
+  acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
+  const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
+  const acc_t* weight_ptr = weight.data_ptr<acc_t>();
+  acc_t* loss_ptr = loss.data_ptr<acc_t>();
+  acc_t* mmd2_ptr = mmd2.data_ptr<acc_t>();
+  acc_t* dmmd_db_ptr = dmmd_db.data_ptr<acc_t>();
+  const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
 
   constexpr int64_t L = kLanes<acc_t>;
   const int64_t blocks = plan.padded_rows / kTile, pitch = plan.block_cols;
   at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(plan.padded_rows * pitch), zeros(pitch, acc_t(0));
-    std::vector<const acc_t*> ptrs(plan.padded_rows);
+    Scratch<acc_t> scratch(plan);
     // Lane sums of tile (bi, bj), bi <= bj, at (bi * blocks + bj) * kTile^2 * L.
     std::vector<acc_t> lanes(blocks * blocks * kTile * kTile * L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-      const int64_t col_end = std::min(plan.num_features, (split + 1) * plan.cols_per_split);
+      const int64_t col_begin = split * plan.cols_per_split;
+      const int64_t col_end = std::min(plan.num_features, col_begin + plan.cols_per_split);
       std::fill(lanes.begin(), lanes.end(), acc_t(0));
-      for (int64_t col = split * plan.cols_per_split; col < col_end; col += pitch) {
+      for (int64_t col = col_begin; col < col_end; col += pitch) {
         const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-        block_rows(src, group, rows, col, n, padded, pitch, col_end, buf.data(), zeros.data(), ptrs);
+        block_rows(src, group, rows, col, n, padded, pitch, col_end, scratch.buf.data(), scratch.zeros.data(),
+                   scratch.ptrs);
         for (int64_t bi = 0; bi < blocks; ++bi) {
-          for (int64_t bj = bi; bj < blocks; ++bj) {
-            add_tile_sqdist_vec(ptrs.data() + bi * kTile, ptrs.data() + bj * kTile, padded,
+          add_diagonal_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, padded,
+                                       lanes.data() + (bi * blocks + bi) * kTile * kTile * L);
+          for (int64_t bj = bi + 1; bj < blocks; ++bj) {
+            add_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, scratch.ptrs.data() + bj * kTile, padded,
                                 lanes.data() + (bi * blocks + bj) * kTile * kTile * L);
           }
         }
@@ -255,17 +451,18 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
           sq[i * rows + j] = sq[j * rows + i] = sum_lanes(lanes.data() + (tile_index * kTile * kTile + pair) * L);
         }
       }
+      if (fused_grad != nullptr) {
+        const acc_t grad = fused_grad->data_ptr<acc_t>()[group * fused_grad->stride(0)];
+        finalize_group(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features,
+                       loss_ptr, mmd2_ptr, dmmd_db_ptr);
+        group_coefficients(sq, plan.group_size, grad, bandwidth_ptr[group], weight_ptr[group], eps_c, features,
+                           scratch.coeff.data());
+        write_group_gradient(src, plan, group, col_begin, col_end, fused_dst, scratch);
+      }
     }
+    fence_streaming_stores();
   });
-
-  acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
-  const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
-  const acc_t* weight_ptr = weight.data_ptr<acc_t>();
-  acc_t* loss_ptr = loss.data_ptr<acc_t>();
-  acc_t* mmd2_ptr = mmd2.data_ptr<acc_t>();
-  acc_t* dmmd_db_ptr = dmmd_db.data_ptr<acc_t>();
-  const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
-  const acc_t pairs = static_cast<acc_t>(plan.group_size * plan.group_size);
+  if (fused_grad != nullptr) return;
 
   at::parallel_for(0, plan.num_groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
@@ -277,18 +474,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
           for (int64_t e = 0; e < tile; ++e) sq[e] += parts[split * tile + e];
         }
       }
-      acc_t sum_kern = 0, sum_kern_dist = 0;
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < rows; ++j) {
-          const LaplaceTerms<acc_t> terms(sq[i * rows + j], bandwidth_ptr[group], eps_c, features);
-          const acc_t signed_kern = pair_sign<acc_t>(i, j, plan.group_size) * terms.kern;
-          sum_kern += signed_kern;
-          sum_kern_dist += signed_kern * terms.dist;
-        }
-      }
-      mmd2_ptr[group] = sum_kern / pairs;
-      dmmd_db_ptr[group] = -sum_kern_dist / pairs / features;
-      loss_ptr[group] = weight_ptr[group] * mmd2_ptr[group];
+      finalize_group(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features,
+                     loss_ptr, mmd2_ptr, dmmd_db_ptr);
     }
   });
 }
@@ -296,56 +483,29 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
                      const at::Tensor& bandwidth, const at::Tensor& weight, const Plan& plan, double eps,
-                     at::Tensor& dx, at::Tensor& dy, bool need_dx, bool need_dy) {
+                     const GradientRows<scalar_t>& dst) {
   using acc_t = at::opmath_type<scalar_t>;
   const GroupRows<scalar_t> src{x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.stride(0), y.stride(0),
                                 plan.group_size};
-  const int64_t rows = plan.rows, group_size = plan.group_size, num_features = plan.num_features;
+  const int64_t rows = plan.rows;
   const acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
   const acc_t* grad_ptr = grad_loss.data_ptr<acc_t>();
   const int64_t grad_stride = grad_loss.stride(0);
   const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
   const acc_t* weight_ptr = weight.data_ptr<acc_t>();
-  scalar_t* dx_ptr = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dy_ptr = need_dy ? dy.data_ptr<scalar_t>() : nullptr;
-  const int64_t first_row = need_dx ? 0 : group_size, last_row = need_dy ? rows : group_size;
-  const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(num_features);
-  const acc_t pairs = static_cast<acc_t>(group_size * group_size);
+  const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
 
-  constexpr int64_t L = kLanes<acc_t>;
-  const int64_t pitch = plan.block_cols;
   at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(plan.padded_rows * pitch), zeros(pitch, acc_t(0)), out(kTile * pitch);
-    std::vector<const acc_t*> ptrs(plan.padded_rows);
-    std::vector<acc_t> coeff(plan.padded_rows * rows, acc_t(0));  // padding rows: zero coefficients
+    Scratch<acc_t> scratch(plan);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-      const acc_t bandwidth_g = bandwidth_ptr[group];
-      const acc_t scale = acc_t(-2) * grad_ptr[group * grad_stride] * weight_ptr[group] * bandwidth_g / pairs /
-                          features;
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < rows; ++j) {
-          const LaplaceTerms<acc_t> terms(sqdist_ptr[group * rows * rows + i * rows + j], bandwidth_g, eps_c,
-                                          features);
-          coeff[i * rows + j] =
-              terms.close ? acc_t(0) : scale * pair_sign<acc_t>(i, j, group_size) * terms.kern / terms.dist;
-        }
-      }
-      const int64_t col_end = std::min(num_features, (split + 1) * plan.cols_per_split);
-      for (int64_t col = split * plan.cols_per_split; col < col_end; col += pitch) {
-        const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-        block_rows(src, group, rows, col, n, padded, pitch, col_end, buf.data(), zeros.data(), ptrs);
-        for (int64_t i0 = first_row / kTile * kTile; i0 < last_row; i0 += kTile) {
-          apply_tile_coefficients_vec(coeff.data(), ptrs.data(), i0, rows, pitch, padded, out.data());
-          for (int64_t i = std::max(i0, first_row); i < std::min(i0 + kTile, last_row); ++i) {
-            scalar_t* dst = i < group_size ? dx_ptr + (group * group_size + i) * num_features
-                                           : dy_ptr + (group * group_size + i - group_size) * num_features;
-            const acc_t* row = out.data() + (i - i0) * pitch;
-            for (int64_t c = 0; c < n; ++c) dst[col + c] = static_cast<scalar_t>(row[c]);
-          }
-        }
-      }
+      group_coefficients(sqdist_ptr + group * rows * rows, plan.group_size, grad_ptr[group * grad_stride],
+                         bandwidth_ptr[group], weight_ptr[group], eps_c, features, scratch.coeff.data());
+      const int64_t col_begin = split * plan.cols_per_split;
+      write_group_gradient(src, plan, group, col_begin, std::min(plan.num_features, col_begin + plan.cols_per_split),
+                           dst, scratch);
     }
+    fence_streaming_stores();
   });
 }
 
@@ -384,10 +544,35 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
   at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
   if (need_dx || need_dy) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_backward_cpu", [&] {
-      backward_kernel<scalar_t>(grad_loss, x, y, sqdist, bandwidth, weight, plan, eps, dx, dy, need_dx, need_dy);
+      backward_kernel<scalar_t>(grad_loss, x, y, sqdist, bandwidth, weight, plan, eps,
+                                gradient_rows<scalar_t>(dx, dy, need_dx, need_dy, group_size));
     });
   }
   return {dx, dy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_with_grad_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
+    int64_t group_size, double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy) {
+  check_inputs(x, y, bandwidth, weight, group_size);
+  const auto options = bandwidth.options();
+  const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
+  if (plan.num_splits > 1) {  // S needs every split before A is known: no cache to exploit, two passes
+    auto [loss, sqdist, mmd2, dmmd_db] = mmd_forward_cpu(x, y, bandwidth, weight, group_size, eps);
+    auto [dx, dy] = mmd_backward_cpu(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy);
+    return {loss, sqdist, mmd2, dmmd_db, dx, dy};
+  }
+  check_grad_loss(grad_loss, bandwidth, plan.num_groups, "native");
+  at::Tensor loss = at::empty({plan.num_groups}, options), mmd2 = at::empty({plan.num_groups}, options);
+  at::Tensor dmmd_db = at::empty({plan.num_groups}, options);
+  at::Tensor sqdist = at::empty({plan.num_groups, plan.rows, plan.rows}, options);
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_forward_with_grad_cpu", [&] {
+    forward_kernel<scalar_t>(x, y, bandwidth, weight, plan, eps, loss, sqdist, mmd2, dmmd_db, &grad_loss,
+                             gradient_rows<scalar_t>(dx, dy, need_dx, need_dy, group_size));
+  });
+  return {loss, sqdist, mmd2, dmmd_db, dx, dy};
 }
 
 }  // namespace imm_kernels

@@ -58,7 +58,9 @@ def _load_native():
 
 _C, _NATIVE_MISSING = _load_native()
 if _C is not None:
-    register_kernels("native", MMDKernels(_C.mmd_forward_cpu, _C.mmd_backward_cpu, stacked_rows))
+    register_kernels(
+        "native", MMDKernels(_C.mmd_forward_cpu, _C.mmd_backward_cpu, stacked_rows, _C.mmd_forward_with_grad_cpu)
+    )
     if _C.cuda_built:
         register_kernels("cuda", MMDKernels(_C.mmd_forward_cuda, _C.mmd_backward_cuda, stacked_rows))
         CUDA_MAX_GROUP_SIZE = _C.cuda_max_group_size

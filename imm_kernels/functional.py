@@ -99,8 +99,10 @@ def mmd_loss(
         differentiable in x, y, bandwidth and weight.
     """
     num_groups = _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend)
-    _, grouped_mmd = resolve_mmd_backend(backend, x, group_size)
+    name, grouped_mmd = resolve_mmd_backend(backend, x, group_size)
     cdtype = compute_dtype(x.dtype)
     bandwidth = as_per_group(bandwidth, num_groups, cdtype, x.device)
     weight = as_per_group(1.0 if weight is None else weight, num_groups, cdtype, x.device)
-    return reduce_groups(grouped_mmd(x, y, int(group_size), bandwidth, weight, float(eps)), reduction)
+    # What `loss.backward()` will send each group; fused backends may compute dx for it up front.
+    hint = {} if name == "torch" else {"expected_grad": 1.0 / num_groups if reduction == "mean" else 1.0}
+    return reduce_groups(grouped_mmd(x, y, int(group_size), bandwidth, weight, float(eps), **hint), reduction)

@@ -20,6 +20,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("mmd_backward_cpu", &imm_kernels::mmd_backward_cpu, "(dx, dy) on the CPU", py::arg("grad_loss"),
         py::arg("x"), py::arg("y"), py::arg("sqdist"), py::arg("bandwidth"), py::arg("weight"),
         py::arg("group_size"), py::arg("eps"), py::arg("need_dx"), py::arg("need_dy"));
+  m.def("mmd_forward_with_grad_cpu", &imm_kernels::mmd_forward_with_grad_cpu,
+        "(loss_g, S, MMD^2_g, dMMD^2_g/db, dx, dy) on the CPU: the forward and the gradient for a given grad_loss",
+        py::arg("x"), py::arg("y"), py::arg("bandwidth"), py::arg("weight"), py::arg("group_size"), py::arg("eps"),
+        py::arg("grad_loss"), py::arg("need_dx"), py::arg("need_dy"));
 #ifdef IMM_KERNELS_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_max_group_size") = imm_kernels::kCudaMaxGroupSize;

@@ -469,6 +469,67 @@ def test_native_bitwise_equal_for_any_thread_count(num_groups, num_features):
         assert torch.equal(a, b)
 
 
+@needs_native
+@pytest.mark.parametrize(
+    "dtype,group_size,num_groups,num_features",
+    [
+        (torch.float32, 4, 5, 257),
+        (torch.float64, 3, 4, 100),
+        (torch.bfloat16, 8, 3, 65),
+        (torch.float32, 4, 2, 20000),  # few groups: D is split, forward then backward
+        (torch.float32, 4, 130, 4099),  # dx and dy over 8 MiB: streaming stores, rows not 16-byte aligned
+    ],
+)
+def test_native_forward_with_grad_equals_forward_then_backward(dtype, group_size, num_groups, num_features):
+    """The one-pass forward+gradient gives, to the bit, what the forward and the backward give."""
+    from imm_kernels import _C
+
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, dtype)
+    cdtype = reference.compute_dtype(dtype)
+    bandwidth, weight = bandwidth.to(cdtype), weight.to(cdtype)
+    grad_loss = torch.rand(num_groups, dtype=cdtype) - 0.5
+    fused = _C.mmd_forward_with_grad_cpu(x, y, bandwidth, weight, group_size, 1e-8, grad_loss, True, True)
+    forward = _C.mmd_forward_cpu(x, y, bandwidth, weight, group_size, 1e-8)
+    backward = _C.mmd_backward_cpu(grad_loss, x, y, forward[1], bandwidth, weight, group_size, 1e-8, True, True)
+    for got, expected in zip(fused, (*forward, *backward)):
+        assert torch.equal(got, expected)
+
+
+@needs_native
+def test_native_backward_uses_the_precomputed_gradient_only_when_it_applies(monkeypatch):
+    """`.backward()` of the mean takes dx from the forward; any other upstream gradient recomputes it."""
+    from imm_kernels.ops import mmd as mmd_op
+
+    kernels = mmd_op._KERNELS["native"]
+    backward_calls = []
+
+    def counting_backward(*args):
+        backward_calls.append(args)
+        return kernels.backward(*args)
+
+    monkeypatch.setitem(mmd_op._KERNELS, "native", kernels._replace(backward=counting_backward))
+    x, y, bandwidth, weight = make_inputs(4, 6, 33, torch.float64)
+    x.requires_grad_(True)
+
+    def grads(backend, upstream):
+        x.grad = None
+        upstream(mmd_loss(x, y, 4, bandwidth, weight, backend=backend)).backward(retain_graph=False)
+        return x.grad.clone()
+
+    for upstream, recomputes in [(lambda loss: loss, False), (lambda loss: 3 * loss, True)]:
+        calls_before = len(backward_calls)
+        torch.testing.assert_close(grads("native", upstream), grads("torch", upstream), rtol=1e-12, atol=0)
+        assert len(backward_calls) - calls_before == int(recomputes)
+    per_group = mmd_loss(x, y, 4, bandwidth, weight, reduction="none", backend="native")
+    (dx,) = torch.autograd.grad(per_group, x, torch.arange(6.0, dtype=torch.float64), retain_graph=True)
+    (again,) = torch.autograd.grad(per_group.sum(), x)  # the graph kept: its saved dx is reused intact
+    ref = mmd_loss(x, y, 4, bandwidth, weight, reduction="none", backend="torch")
+    (ref_dx,) = torch.autograd.grad((ref * torch.arange(6.0, dtype=torch.float64)).sum(), x, retain_graph=True)
+    (ref_again,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=0)
+    torch.testing.assert_close(again, ref_again, rtol=1e-12, atol=0)
+
+
 def _available_memory_gib() -> float:
     with open("/proc/meminfo") as meminfo:
         fields = dict(line.split(":", 1) for line in meminfo)

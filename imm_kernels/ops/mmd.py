@@ -9,6 +9,13 @@ kernels: `triton` (ops/mmd_triton.py), `native` (C++ in csrc/, CPU) or `cuda`
 Forward: (loss_g, S, MMD^2_g, dMMD^2_g/db) with S_ij = ||z_i - z_j||^2 over each
 group's stacked z = [x_g; y_g]. Only S (a few KB per group) and the two
 per-group scalars are saved; the backward reads x and y once more.
+
+A backend may also offer `forward_with_grad`: the forward plus (dx, dy) for an
+upstream gradient guessed in advance (1/G under reduction="mean", else 1),
+computed while each group is still in cache. Its backward returns those when the
+gradient that arrives is the guessed one (a loss's `.backward()`), and otherwise
+runs the ordinary backward: never a wrong gradient, only a wasted pass. Eager
+mode only; under torch.compile the plain op is used.
 Gradients for bandwidth and weight follow from the saved scalars:
 dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
 """
@@ -31,6 +38,8 @@ class MMDKernels(NamedTuple):
     backward(grad_loss, x_rows, y_rows, S, bandwidth, weight, group_size, eps, need_dx, need_dy)
         -> (dx, dy), contiguous (B, D), an empty tensor where not asked for
     saved_rows(group_size) -> the side of the saved (G, rows, rows) S
+    forward_with_grad(x_rows, y_rows, bandwidth, weight, group_size, eps, grad_loss, need_dx, need_dy)
+        -> forward's four outputs, then backward's (dx, dy) for grad_loss; None if not offered
     bandwidth, weight and grad_loss arrive as (G,) tensors of the compute dtype;
     bandwidth and weight contiguous, grad_loss possibly stride-0.
     """
@@ -38,6 +47,7 @@ class MMDKernels(NamedTuple):
     forward: Callable
     backward: Callable
     saved_rows: Callable[[int], int]
+    forward_with_grad: Callable | None = None
 
 
 _KERNELS: dict[str, MMDKernels] = {}
@@ -100,6 +110,17 @@ def _(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need
     return dx, dy
 
 
+def _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db):
+    """The gradients mmd_forward returns, x and y's already computed."""
+    need_dx, need_dy, need_db, need_dw = ctx.needs_input_grad[:4]
+    return (
+        dx if need_dx else None,
+        dy if need_dy else None,
+        grad_loss * weight * dmmd_db if need_db else None,
+        grad_loss * mmd2 if need_dw else None,
+    )
+
+
 def _setup_context(ctx, inputs, output):
     x, y, bandwidth, weight, group_size, eps, backend = inputs
     _, sqdist, mmd2, dmmd_db = output
@@ -110,26 +131,75 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
     x, y, sqdist, bandwidth, weight, mmd2, dmmd_db = ctx.saved_tensors
-    need_dx, need_dy, need_db, need_dw = ctx.needs_input_grad[:4]
+    need_dx, need_dy = ctx.needs_input_grad[:2]
     dx, dy = mmd_backward(
         grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
     )
-    return (
-        dx if need_dx else None,
-        dy if need_dy else None,
-        grad_loss * weight * dmmd_db if need_db else None,
-        grad_loss * mmd2 if need_dw else None,
-        None,
-        None,
-        None,
-    )
+    return (*_input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db), None, None, None)
 
 
 mmd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("imm_kernels::mmd_forward_with_grad", mutates_args=())
+def mmd_forward_with_grad(
+    x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float, expected_grad: float,
+    need_dx: bool, need_dy: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """mmd_forward's outputs, then (dx, dy) for the upstream gradient expected_grad in every group."""
+    grad_loss = torch.full_like(bandwidth, expected_grad)
+    loss, sqdist, mmd2, dmmd_db, dx, dy = _KERNELS[backend].forward_with_grad(
+        as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps, grad_loss,
+        need_dx, need_dy,
+    )
+    return loss, sqdist, mmd2, dmmd_db, (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
+
+
+@mmd_forward_with_grad.register_fake
+def _(x, y, bandwidth, weight, group_size, eps, expected_grad, need_dx, need_dy, backend):
+    num_groups, rows = x.shape[0] // group_size, _KERNELS[backend].saved_rows(group_size)
+    cdtype = compute_dtype(x.dtype)
+    per_group = [x.new_empty(num_groups, dtype=cdtype) for _ in range(3)]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
+    sqdist = x.new_empty((num_groups, rows, rows), dtype=cdtype)
+    return per_group[0], sqdist, per_group[1], per_group[2], dx, dy
+
+
+def _setup_context_with_grad(ctx, inputs, output):
+    x, y, bandwidth, weight, group_size, eps, expected_grad, _, _, backend = inputs
+    _, sqdist, mmd2, dmmd_db, dx, dy = output
+    ctx.mark_non_differentiable(sqdist, mmd2, dmmd_db, dx, dy)
+    ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
+    ctx.group_size, ctx.eps, ctx.expected_grad, ctx.backend = group_size, eps, expected_grad, backend
+
+
+def _backward_with_grad(ctx, grad_loss, *_grads_of_saved_outputs):
+    x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
+    if not bool((grad_loss == ctx.expected_grad).all()):  # not the guessed gradient: compute it
+        need_dx, need_dy = ctx.needs_input_grad[:2]
+        dx, dy = mmd_backward(
+            grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
+        )
+    return (*_input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db), None, None, None, None, None, None)
+
+
+mmd_forward_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_context_with_grad)
+
+
 def grouped_mmd(
-    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float, *, backend: str
+    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float, *, backend: str,
+    expected_grad: float = 1.0,
 ) -> Tensor:
-    """weight_g * MMD^2_g per group through `backend`'s kernels (the reference's contract)."""
+    """weight_g * MMD^2_g per group through `backend`'s kernels (the reference's contract).
+
+    expected_grad: the upstream gradient each group's loss will most likely receive; a
+    backend with forward_with_grad computes the input gradients for it in the forward.
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if needs_grad and _KERNELS[backend].forward_with_grad is not None and not torch.compiler.is_compiling():
+        return mmd_forward_with_grad(
+            x, y, bandwidth, weight, group_size, float(eps), float(expected_grad), x.requires_grad, y.requires_grad,
+            backend,
+        )[0]
     return mmd_forward(x, y, bandwidth, weight, group_size, float(eps), backend)[0]
