@@ -4,12 +4,18 @@
 // blocks: fp32/fp64 rows are read in place, fp16/bf16 rows (and a ragged last
 // block) are first converted into a small zero-padded buffer. The group's 2M rows
 // are padded to whole 4-row tiles; for each 4x4 tile of row pairs, 16 vectors of
-// independent lane sums stay in registers while 8 row vectors stream past (GCC
-// vector extensions, no reassociation). Lanes are summed once per task. The hot
+// independent lane sums stay in registers while 8 row vectors stream past (a tile on
+// the diagonal keeps only its 10 pairs i <= j; GCC vector extensions, no
+// reassociation). Lanes are summed once per task. The hot
 // loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline and picked
 // at load time (GCC target_clones); with -ffp-contract=off every clone rounds alike. The number of splits depends only
 // on (G, D), and partial sums are added in a fixed order, so results are bitwise
 // the same for any thread count. Nothing (2M)x(2M)xD is ever allocated.
+//
+// mmd_forward_with_grad_cpu also writes dz for an upstream gradient given in
+// advance, right after the group's S: its rows are then reread from L2, not
+// memory, and the backward has nothing left to do. Large outputs are written with
+// streaming stores (no read of each line before it is overwritten).
 #include "mmd.h"
 #include "mmd_common.h"
 
