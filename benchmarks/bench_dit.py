@@ -6,8 +6,9 @@ batch 1 (sampling latency) and 64, under bf16 autocast, in two modes:
 - `training`: forward and backward to every parameter gradient.
 
 Providers: `eager` (DiT(fused=False): every adaLN and the timestep embedding on their PyTorch
-references), `compiled` (torch.compile of that model), `imm_kernels` (the fused ops) and
-`imm_kernels[batched]` (fused ops plus all adaLN modulations in one matmul). Rows record the
+references), `compiled` (torch.compile of that model), `imm_kernels` (the fused ops),
+`imm_kernels[batched]` (fused ops plus all adaLN modulations in one matmul) and
+`imm_kernels[compiled]` (torch.compile of the fused model; the ops are custom ops). Rows record the
 median device time (triton's do_bench) and the peak memory of one call above what was
 allocated before it; GB/s is left empty (a whole model has no byte floor).
 GPU only: on a CPU the Triton kernels would run in the interpreter, which is not timed.
@@ -29,7 +30,9 @@ pytestmark = pytest.mark.skipif(not ON_CUDA, reason="DiT benchmarks need a CUDA 
 CONFIGS = ("DiT-B/2", "DiT-XL/2")
 BATCHES = (1, 64)
 MODES = ("inference", "training")
-PROVIDERS = ("eager", "compiled", "imm_kernels", "imm_kernels[batched]")
+PROVIDERS = ("eager", "compiled", "imm_kernels", "imm_kernels[batched]", "imm_kernels[compiled]")
+REFERENCE_PROVIDERS = ("eager", "compiled")
+COMPILED_PROVIDERS = ("compiled", "imm_kernels[compiled]")
 LATENT = (4, 32, 32)
 NUM_CLASSES = 1000
 CUDA_ROUNDS = 10  # host-side rounds for pytest-benchmark's table; do_bench gives the device time
@@ -69,11 +72,11 @@ def make_inputs(batch: int):
 
 def make_step(config: str, provider: str, batch: int, mode: str):
     model = model_for(config)
-    model.backend = "torch" if provider in ("eager", "compiled") else "auto"
+    model.backend = "torch" if provider in REFERENCE_PROVIDERS else "auto"
     model.batched_modulation = provider == "imm_kernels[batched]"
     net = model
-    if provider == "compiled":
-        key = (config, batch, mode)
+    if provider in COMPILED_PROVIDERS:
+        key = (config, batch, mode, provider)
         if key not in _compiled:
             torch.compiler.reset()
             _compiled.clear()
@@ -119,7 +122,7 @@ def test_dit(benchmark, record_result, config, batch, mode, provider):
 
     info = benchmark.extra_info
     shape = f"{config} B={batch} {'x'.join(map(str, LATENT))}"
-    info.update(provider=provider, backend="torch" if provider in ("eager", "compiled") else "auto",
+    info.update(provider=provider, backend="torch" if provider in REFERENCE_PROVIDERS else "auto",
                 shape=shape, dtype="bf16 autocast", mode=mode, gbps=None, pct_copy_bw=None)
     benchmark.group = f"{shape} {mode}"
     step = make_step(config, provider, batch, mode)
