@@ -399,14 +399,15 @@ def bench_sampling(args) -> None:
     try:
         if repeats < 1 or min(batches) < 1:
             raise ValueError("--repeats and --batch must be >= 1")
-        net, sample_shape = bench_net(model, device)
+        net, sample_shape = bench_net(model, device, args.precision)
     except (*_SETUP_ERRORS, ImportError) as err:
         _fail("bench-sampling", err)
     providers = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler") if use_compile else (
         "eager", "GraphedSampler")
     name = torch.cuda.get_device_name() if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    precision = args.precision or ("bf16" if on_cuda and model != "tiny" else "fp32")
     print(f"imm-kernels bench-sampling: {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, "
-          f"samples {'x'.join(map(str, sample_shape))}), pushforward on a uniform grid, {name}, "
+          f"{precision}, samples {'x'.join(map(str, sample_shape))}), pushforward on a uniform grid, {name}, "
           f"torch {torch.__version__}; ms per call, median of {repeats}")
     if not on_cuda:
         print("no GPU: GraphedSampler runs the eager sampler here (no CUDA graphs), so its column is the eager path "
@@ -495,6 +496,9 @@ def main(argv=None) -> None:
     bench_cmd = commands.add_parser("bench-sampling", help="latency per sampling call: eager, compiled, graphed")
     bench_cmd.add_argument("--model", choices=("tiny", "dit-s2", "dit-xl2"), default=None,
                            help="random-weight model (default: dit-s2 on CUDA, tiny on a CPU)")
+    bench_cmd.add_argument("--precision", choices=("fp32", "bf16", "bf16-autocast"), default=None,
+                           help="bf16: bf16 weights; bf16-autocast: fp32 weights under autocast "
+                                "(default: bf16 for a DiT on CUDA, else fp32)")
     bench_cmd.add_argument("--batch", type=_batch_sizes, default=None, help="comma-separated batch sizes")
     bench_cmd.add_argument("--steps", type=_step_counts, default=None, help="comma-separated step counts")
     bench_cmd.add_argument("--cfg-scale", type=float, default=1.5, help="the guided rows' scale (default: %(default)s)")

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .graphs import GraphedSampler
 from .samplers import one_hot_labels, pushforward, pushforward_loop
 
-__all__ = ["PROVIDERS", "BENCH_MODELS", "bench_net", "sampling_inputs", "sampling_providers", "interleaved_medians_ms", "kernel_time_ms"]
+__all__ = ["PROVIDERS", "BENCH_MODELS", "PRECISIONS", "bench_net", "sampling_inputs", "sampling_providers", "interleaved_medians_ms", "kernel_time_ms"]
 
 PROVIDERS = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler")
 
@@ -51,7 +51,7 @@ def sampling_providers(
         def loop(x: Tensor, label_rows: Tensor | None) -> Tensor:
             return pushforward_loop(net, x, pairs, label_rows, cfg_scale)
 
-        torch._dynamo.reset()  # each grid and batch compiles afresh, not against a recompile limit
+        torch.compiler.reset()  # each grid and batch compiles afresh, not against a recompile limit
         compiled = torch.compile(loop, mode="reduce-overhead")
 
         def compiled_call() -> Tensor:
@@ -103,20 +103,39 @@ def kernel_time_ms(call: Callable[[], Tensor]) -> float:
 # The models timed by `imm-kernels bench-sampling` and benchmarks/bench_sampling.py.
 
 BENCH_MODELS = ("tiny", "dit-s2", "dit-xl2")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 _DIT_CONFIGS = {"dit-s2": "DiT_S_2", "dit-xl2": "DiT_XL_2"}
 
 
-def bench_net(model: str, device: torch.device | str, num_classes: int = 1000):
+class _CastInput(nn.Module):
+    """Runs a low-precision backbone from the Preconditioner's float32 input (weights stored in bf16,
+    as a sampling service holds them; autocast would re-cast float32 weights on every call)."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner.to(dtype), dtype
+
+    def forward(self, x: Tensor, c_noise_t: Tensor, c_noise_s: Tensor, class_labels: Tensor | None) -> Tensor:
+        return self.inner(x.to(self.dtype), c_noise_t, c_noise_s, class_labels)
+
+
+def bench_net(model: str, device: torch.device | str, precision: str | None = None, num_classes: int = 1000):
     """(net, sample_shape): a conditional Preconditioner with random weights, in eval mode on device.
 
-    "tiny" is a small conv backbone on 8×8 images (10 classes), quick on a CPU; the DiTs are
-    DiT-S/2 and DiT-XL/2 on 32×32×4 latents (1000 classes), bf16 autocast on CUDA.
+    model: "tiny", a small conv backbone on 8×8 images (10 classes), quick on a CPU; "dit-s2" or
+    "dit-xl2", DiT-S/2 or DiT-XL/2 on 32×32×4 latents (num_classes classes).
+    precision: "fp32"; "bf16", weights stored in bf16; "bf16-autocast", float32 weights under
+    bf16 autocast (the training setting). None: bf16 for a DiT on CUDA, fp32 otherwise.
     """
     from ..precond import Preconditioner
 
     if model not in BENCH_MODELS:
         raise ValueError(f"model must be one of {BENCH_MODELS}, got {model!r}")
     device = torch.device(device)
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" and model != "tiny" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if model == "tiny":
@@ -124,12 +143,14 @@ def bench_net(model: str, device: torch.device | str, num_classes: int = 1000):
 
             backbone, sample_shape, label_dim = ConvBackbone(1, 8, channels=32, num_blocks=2, label_dim=10), (1, 8, 8), 10
         else:
-            from .. import models  # the DiT lands in its own change; imported only when asked for
+            from .. import models  # imported only when a DiT is asked for
 
             backbone = getattr(models, _DIT_CONFIGS[model])(input_size=32, in_channels=4, num_classes=num_classes)
             sample_shape, label_dim = (4, 32, 32), num_classes
         for param in backbone.parameters():  # random weights: the zero-initialised layers too
             param.data.normal_(0, 0.02)
-    mixed_precision = "bf16" if device.type == "cuda" and model != "tiny" else None
+    if precision == "bf16":
+        backbone = _CastInput(backbone, torch.bfloat16)
+    mixed_precision = "bf16" if precision == "bf16-autocast" else None
     net = Preconditioner(backbone, label_dim=label_dim, mixed_precision=mixed_precision)
     return net.to(device).eval().requires_grad_(False), sample_shape
