@@ -141,50 +141,34 @@ def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
 mmd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("imm_kernels::mmd_forward_with_grad", mutates_args=())
-def mmd_forward_with_grad(
-    x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float, expected_grad: float,
-    need_dx: bool, need_dy: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """mmd_forward's outputs, then (dx, dy) for the upstream gradient expected_grad in every group."""
-    grad_loss = torch.full_like(bandwidth, expected_grad)
-    loss, sqdist, mmd2, dmmd_db, dx, dy = _KERNELS[backend].forward_with_grad(
-        as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps, grad_loss,
-        need_dx, need_dy,
-    )
-    return loss, sqdist, mmd2, dmmd_db, (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
+class _MMDWithGrad(torch.autograd.Function):
+    """mmd_forward whose forward also computes (dx, dy) for the upstream gradient expected_grad.
 
+    Eager mode only (grouped_mmd never takes it while compiling), so a plain autograd
+    Function: it skips the custom-op dispatch, a large share of the call at small sizes.
+    """
 
-@mmd_forward_with_grad.register_fake
-def _(x, y, bandwidth, weight, group_size, eps, expected_grad, need_dx, need_dy, backend):
-    num_groups, rows = x.shape[0] // group_size, _KERNELS[backend].saved_rows(group_size)
-    cdtype = compute_dtype(x.dtype)
-    per_group = [x.new_empty(num_groups, dtype=cdtype) for _ in range(3)]
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
-    dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
-    sqdist = x.new_empty((num_groups, rows, rows), dtype=cdtype)
-    return per_group[0], sqdist, per_group[1], per_group[2], dx, dy
-
-
-def _setup_context_with_grad(ctx, inputs, output):
-    x, y, bandwidth, weight, group_size, eps, expected_grad, _, _, backend = inputs
-    _, sqdist, mmd2, dmmd_db, dx, dy = output
-    ctx.mark_non_differentiable(sqdist, mmd2, dmmd_db, dx, dy)
-    ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
-    ctx.group_size, ctx.eps, ctx.expected_grad, ctx.backend = group_size, eps, expected_grad, backend
-
-
-def _backward_with_grad(ctx, grad_loss, *_grads_of_saved_outputs):
-    x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
-    if not bool((grad_loss == ctx.expected_grad).all()):  # not the guessed gradient: compute it
+    @staticmethod
+    def forward(ctx, x, y, bandwidth, weight, group_size, eps, expected_grad, backend):
         need_dx, need_dy = ctx.needs_input_grad[:2]
-        dx, dy = mmd_backward(
-            grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
+        loss, sqdist, mmd2, dmmd_db, dx, dy = _KERNELS[backend].forward_with_grad(
+            as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps,
+            torch.full_like(bandwidth, expected_grad), need_dx, need_dy,
         )
-    return (*_input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db), None, None, None, None, None, None)
+        dx, dy = (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
+        ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
+        ctx.group_size, ctx.eps, ctx.expected_grad, ctx.backend = group_size, eps, expected_grad, backend
+        return loss
 
-
-mmd_forward_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_context_with_grad)
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
+        if not bool((grad_loss == ctx.expected_grad).all()):  # not the guessed gradient: compute it
+            need_dx, need_dy = ctx.needs_input_grad[:2]
+            dx, dy = mmd_backward(
+                grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
+            )
+        return (*_input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db), None, None, None, None)
 
 
 def grouped_mmd(
@@ -198,8 +182,5 @@ def grouped_mmd(
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     if needs_grad and _KERNELS[backend].forward_with_grad is not None and not torch.compiler.is_compiling():
-        return mmd_forward_with_grad(
-            x, y, bandwidth, weight, group_size, float(eps), float(expected_grad), x.requires_grad, y.requires_grad,
-            backend,
-        )[0]
+        return _MMDWithGrad.apply(x, y, bandwidth, weight, group_size, float(eps), float(expected_grad), backend)
     return mmd_forward(x, y, bandwidth, weight, group_size, float(eps), backend)[0]
