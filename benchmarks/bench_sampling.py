@@ -33,7 +33,9 @@ CFG_SCALE = 1.5
 REPEATS = 5
 COMPILE = os.environ.get("IMM_BENCH_SAMPLING_COMPILE", "default")
 PRECISION = os.environ.get("IMM_BENCH_SAMPLING_PRECISION", "bf16")
-PROVIDER_LABELS = {"eager": "eager", "torch.compile(reduce-overhead)": "compiled", "GraphedSampler": "imm_kernels[graphed]"}
+PROVIDER_LABELS = {
+    "eager": "eager", "torch.compile(reduce-overhead)": "compiled", "GraphedSampler": "imm_kernels[graphed]",
+}
 
 pytestmark = pytest.mark.skipif(not ON_CUDA, reason="sampling latency is a GPU benchmark (CUDA graphs); "
                                                     "on a CPU run `imm-kernels bench-sampling`")

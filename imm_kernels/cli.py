@@ -318,7 +318,8 @@ def _side_by_side(panels: list[Path], out: Path) -> Path:
 
     images = [Image.open(panel) for panel in panels]
     gap = 8
-    joined = Image.new("L", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)), 255)
+    width = sum(image.width for image in images) + gap * (len(images) - 1)
+    joined = Image.new("L", (width, max(image.height for image in images)), 255)
     left = 0
     for image in images:
         joined.paste(image.convert("L"), (left, 0))
@@ -436,7 +437,8 @@ def bench_sampling(args) -> None:
                     line += f" {100 * kernel_time_ms(calls['GraphedSampler']) / graphed:7.1f}%"
                 print(line, flush=True)
     if on_cuda:
-        print("GPU busy: summed kernel and copy time of one GraphedSampler call (torch.profiler) / its median wall time")
+        print("GPU busy: summed kernel and copy time of one GraphedSampler call (torch.profiler) / its median "
+              "wall time")
 
 
 def main(argv=None) -> None:
@@ -472,7 +474,7 @@ def main(argv=None) -> None:
     eval_cmd.add_argument("--out", help="folder for the sample files (default: CHECKPOINT/eval)")
     eval_cmd.set_defaults(run=evaluate)
 
-    sample_cmd = commands.add_parser("sample", help="few-step samples of a checkpoint as one PNG (a row per step count)")
+    sample_cmd = commands.add_parser("sample", help="few-step samples of a checkpoint as one PNG, a row per step count")
     sample_cmd.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint folder")
     sample_cmd.add_argument("--steps", type=_step_counts, default=(1, 2, 4, 8),
                             help="comma-separated step counts, one row each, same noise (default: 1,2,4,8)")
@@ -483,7 +485,8 @@ def main(argv=None) -> None:
     sample_cmd.add_argument("--sampler", choices=("pushforward", "restart"), default="pushforward",
                             help="(default: %(default)s)")
     sample_cmd.add_argument("--grid", choices=("uniform", "edm", "eta"), default="uniform",
-                            help="time grid: uniform in t, edm (rho=7 in eta) or eta (--mid-eta) (default: %(default)s)")
+                            help="time grid: uniform in t, edm (rho=7 in eta) or eta (--mid-eta) "
+                                 "(default: %(default)s)")
     sample_cmd.add_argument("--mid-eta", type=_float_list, default=None, metavar="ETA[,ETA...]",
                             help="intermediate eta values for --grid eta, e.g. 1.4 for 2 steps")
     sample_cmd.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: %(default)s)")

@@ -166,12 +166,18 @@ class GraphedSampler:
         if loop is None:
             loop = self._loops[batch] = self._capture(batch)
         loop.noise.copy_(noise)
-        if loop.labels is not None:
+        if loop.labels is not None:  # a conditional net; no labels is the null label
             labels = one_hot_labels(self.net, class_labels, batch, self.device)
-            loop.labels.copy_(labels) if labels is not None else loop.labels.zero_()
+            if labels is None:
+                loop.labels.zero_()
+            else:
+                loop.labels.copy_(labels)
         if loop.restart_noise is not None:
             fresh = check_restart_noise(restart_noise, self.steps, loop.noise)
-            loop.restart_noise.copy_(fresh) if fresh is not None else loop.restart_noise.normal_(generator=generator)
+            if fresh is None:
+                loop.restart_noise.normal_(generator=generator)
+            else:
+                loop.restart_noise.copy_(fresh)
         loop.graph.replay()
         return loop.out.clone() if copy else loop.out
 

@@ -17,7 +17,10 @@ from torch import Tensor, nn
 from .graphs import GraphedSampler
 from .samplers import one_hot_labels, pushforward, pushforward_loop
 
-__all__ = ["PROVIDERS", "BENCH_MODELS", "PRECISIONS", "bench_net", "sampling_inputs", "sampling_providers", "interleaved_medians_ms", "kernel_time_ms"]
+__all__ = [
+    "PROVIDERS", "BENCH_MODELS", "PRECISIONS", "bench_net", "sampling_inputs", "sampling_providers",
+    "interleaved_medians_ms", "kernel_time_ms",
+]
 
 PROVIDERS = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler")
 
@@ -141,7 +144,8 @@ def bench_net(model: str, device: torch.device | str, precision: str | None = No
         if model == "tiny":
             from ..models.small import ConvBackbone
 
-            backbone, sample_shape, label_dim = ConvBackbone(1, 8, channels=32, num_blocks=2, label_dim=10), (1, 8, 8), 10
+            backbone = ConvBackbone(1, 8, channels=32, num_blocks=2, label_dim=10)
+            sample_shape, label_dim = (1, 8, 8), 10
         else:
             from .. import models  # imported only when a DiT is asked for
 

@@ -100,7 +100,9 @@ def check_time_steps(t_steps, name: str = "t_steps") -> list[float]:
     """
     if isinstance(t_steps, Tensor):
         if t_steps.dim() != 1 or t_steps.dtype == torch.bool or t_steps.dtype.is_complex:
-            raise ValueError(f"{name} must be a 1-D tensor or sequence of times, got shape {tuple(t_steps.shape)} of {t_steps.dtype}")
+            raise ValueError(
+                f"{name} must be a 1-D tensor or sequence of times, got shape {tuple(t_steps.shape)} of {t_steps.dtype}"
+            )
         times = t_steps.detach().to(torch.float64).tolist()
     else:
         try:
