@@ -111,7 +111,7 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
     return cells
 
 
-MMD_FLOOR_NOTE = "floor bytes (fwd 2, fwd+bwd 5 x B*D*itemsize)"
+MMD_FLOOR_NOTE = "floor bytes (fwd 2, fwd+bwd 3 x B*D*itemsize)"
 
 
 def _header_lines(env: dict, floor_note: str) -> list[str]:
