@@ -137,10 +137,11 @@ def mmd_loss_cdist(
 def adaln_modulate_reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """DiT's `modulate(norm(x), shift, scale)`: LayerNorm over H without affine, then
     LN(x) * (1 + scale) + shift per sample. x is (N, L, H); shift and scale are (N, H),
-    used in x's dtype (as the fused op reads them), so the result has x's dtype.
+    used in x's dtype (as the fused op reads them). The result has x's dtype even under
+    autocast (which computes layer_norm in fp32 and would promote the rest to fp32).
     """
     normed = F.layer_norm(x, x.shape[-1:], eps=eps)
-    return normed * (1 + scale.to(x.dtype)[:, None]) + shift.to(x.dtype)[:, None]
+    return (normed * (1 + scale.to(x.dtype)[:, None]) + shift.to(x.dtype)[:, None]).to(x.dtype)
 
 
 def adaln_residual_modulate_reference(
