@@ -16,7 +16,7 @@ import torch
 
 import imm_kernels
 from imm_kernels import adaln_modulate, adaln_residual_modulate
-from imm_kernels.ops.adaln import _rows_per_block, triton_unavailable
+from imm_kernels.ops.adaln import MAX_HIDDEN, _rows_per_block, triton_unavailable
 from imm_kernels.ops.reference import adaln_modulate_reference, adaln_residual_modulate_reference
 
 from conftest import DEVICE
@@ -286,6 +286,16 @@ def test_bad_input_raises_naming_the_argument():
         adaln_residual_modulate(x, y, gate, shift, scale, eps=-1e-6)
     with pytest.raises(ValueError, match="backend must be one of"):
         adaln_modulate(x, shift, scale, backend="cuda")
+
+
+@needs_triton
+def test_rows_wider_than_the_kernel_take_the_reference():
+    """H > MAX_HIDDEN: 'auto' falls back to the reference, 'triton' says why it cannot run."""
+    x = torch.randn(1, 2, MAX_HIDDEN + 1, device=DEVICE)
+    shift, scale = torch.randn(2, 1, MAX_HIDDEN + 1, device=DEVICE)
+    torch.testing.assert_close(adaln_modulate(x, shift, scale), adaln_modulate_reference(x, shift, scale))
+    with pytest.raises(imm_kernels.BackendUnavailableError, match="H=16385 exceeds"):
+        adaln_modulate(x, shift, scale, backend="triton")
 
 
 def test_cpu_without_interpreter_uses_the_reference():

@@ -37,6 +37,8 @@ from .triton_support import check_backend, device_unavailable, jit, tl, triton, 
 
 # One row of H per program, in registers; wider rows take the reference.
 MAX_HIDDEN = 16384
+# N is the grid's second axis, which CUDA limits to 65535 blocks.
+MAX_SAMPLES = 65535
 
 
 # ----------------------------------------------------------------------------
@@ -343,6 +345,8 @@ def triton_unavailable(x: Tensor) -> str | None:
     reason = device_unavailable(x.device)
     if reason is None and x.shape[-1] > MAX_HIDDEN:
         reason = f"H={x.shape[-1]} exceeds its one-row-per-program limit of {MAX_HIDDEN}"
+    if reason is None and x.shape[0] > MAX_SAMPLES:
+        reason = f"N={x.shape[0]} exceeds its grid limit of {MAX_SAMPLES}"
     return reason
 
 

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ..backends import BackendUnavailableError
+
 try:
     import triton
     import triton.language as tl
@@ -47,7 +49,5 @@ def use_triton(backend: str, reason: str | None) -> bool:
     if backend == "torch":
         return False
     if backend == "triton" and reason is not None:
-        from ..backends import BackendUnavailableError
-
         raise BackendUnavailableError(f"backend='triton' is not available: {reason}")
     return reason is None
