@@ -9,7 +9,8 @@ statistics in fp32 (fp64 for fp64 x). Any strides work (the `chunk(6)` views
 of a DiT's modulation output, stride-0 expanded tensors, stride-0 gradients):
 nothing is copied.
 
-The forward saves only the per-row mean and 1/std. The backward, with
+Besides its inputs (x_new instead of x for the residual form), the forward
+saves only the per-row mean and 1/std. The backward, with
 xhat = (x_new - mean) * rstd and g = dh * (1 + scale):
 
     dx_new = rstd * (g - mean_H(g) - xhat * mean_H(g * xhat)) + (grad flowing into x_new)
