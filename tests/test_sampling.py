@@ -412,3 +412,21 @@ def test_cli_bench_sampling_on_cpu_says_graphed_is_eager(capsys):
     assert [row[:3] for row in rows] == [["1", "1", "-"], ["1", "1", "1.5"]]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
     assert "argument --batch: expected batch sizes" in _cli_fails(capsys, "bench-sampling", "--batch", "0")
+
+
+@pytest.mark.skipif(not CUDA, reason="host-sync detection needs a GPU")
+@pytest.mark.parametrize("guided", [False, True])
+def test_eager_samplers_never_wait_for_the_gpu(guided):
+    net = _cuda_net("identity")
+    noise = SIGMA_D * torch.randn(4, DIM, device="cuda")
+    labels = torch.arange(4, device="cuda") % LABEL_DIM
+    fresh = torch.randn(3, 4, DIM, device="cuda")
+    grid = time_grid("edm", 4, 0.994, 0.0).tolist()
+    cfg_scale = 1.5 if guided else None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync (.item(), a device-to-host copy) raises
+    try:
+        pushforward(net, noise, grid, labels, cfg_scale)
+        restart(net, noise, grid, labels, cfg_scale, restart_noise=fresh)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
