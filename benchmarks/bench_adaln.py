@@ -24,16 +24,14 @@ import torch
 
 from imm_kernels.ops.adaln import adaln_modulate, adaln_residual_modulate
 from imm_kernels.ops.reference import adaln_modulate_reference, adaln_residual_modulate_reference
+from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
-ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 
 OPS = ("modulate", "residual")
 MODES = ("forward", "forward+backward")
 PROVIDERS = ("eager", "compiled", "imm_kernels[triton]")
 SEQ_LEN, HIDDEN = 256, 1152
-CPU_ROUNDS = 20  # pytest-benchmark rounds; on the CPU their median is the device time
-CUDA_ROUNDS = 10  # host-side rounds for pytest-benchmark's table; do_bench gives the device time
 FLOOR_NOTE = (
     "floor bytes x N*L*H*itemsize: modulate fwd 2 (x, h), fwd+bwd 5 (+ x, dh, dx); "
     "residual fwd 4 (x, y, h, x_new), fwd+bwd 10 (+ x_new, y, dh, dx_new, dx, dy); + the (N, H) vectors"
@@ -113,27 +111,6 @@ def make_step(case: Case, provider: str, mode: str, x, y, modulation, grads):
         return lambda: function(x, y, modulation)
     inputs = (x, modulation) if case.op == "modulate" else (x, y, modulation)
     return lambda: torch.autograd.grad(function(x, y, modulation), inputs, grads)
-
-
-def cuda_peak_memory_mib(step) -> float:
-    """Memory allocated at the peak of one call, above what was allocated before it (the inputs)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
-def device_time_ms(benchmark, step) -> float:
-    """Median time of one call: CUDA events (triton's do_bench) on the GPU, wall time on the CPU."""
-    if ON_CUDA:
-        import triton.testing
-
-        benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=CUDA_ROUNDS)
-        return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-    benchmark.pedantic(step, rounds=CPU_ROUNDS)
-    return benchmark.stats.stats.median * 1e3
 
 
 @pytest.mark.parametrize(

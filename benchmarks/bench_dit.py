@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from imm_kernels.models import DiT_models
+from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
-ON_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not ON_CUDA, reason="DiT benchmarks need a CUDA GPU (Triton's CPU interpreter is not timed)")
 
 CONFIGS = ("DiT-B/2", "DiT-XL/2")
@@ -35,7 +35,6 @@ REFERENCE_PROVIDERS = ("eager", "compiled")
 COMPILED_PROVIDERS = ("compiled", "imm_kernels[compiled]")
 LATENT = (4, 32, 32)
 NUM_CLASSES = 1000
-CUDA_ROUNDS = 10  # host-side rounds for pytest-benchmark's table; do_bench gives the device time
 
 _models: dict[str, torch.nn.Module] = {}
 _compiled: dict[tuple, object] = {}
@@ -98,16 +97,6 @@ def make_step(config: str, provider: str, batch: int, mode: str):
     return inference if mode == "inference" else training
 
 
-def cuda_peak_memory_mib(step) -> float:
-    """Memory allocated at the peak of one call, above what was allocated before it (weights, inputs)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
 @pytest.mark.parametrize(
     "config,batch,mode,provider",
     [
@@ -118,8 +107,6 @@ def cuda_peak_memory_mib(step) -> float:
 def test_dit(benchmark, record_result, config, batch, mode, provider):
     if not benchmark.enabled:
         pytest.skip("pytest-benchmark is disabled")
-    import triton.testing
-
     info = benchmark.extra_info
     shape = f"{config} B={batch} {'x'.join(map(str, LATENT))}"
     info.update(provider=provider, backend="torch" if provider in REFERENCE_PROVIDERS else "auto",
@@ -138,7 +125,6 @@ def test_dit(benchmark, record_result, config, batch, mode, provider):
         record_result(dict(info))
         pytest.skip(status)
     peak_mib = cuda_peak_memory_mib(step)
-    benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=CUDA_ROUNDS)
-    ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+    ms = device_time_ms(benchmark, step)
     info.update(status="ok", device_ms=ms, peak_mem_mib=peak_mib)
     record_result(dict(info))

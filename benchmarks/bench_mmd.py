@@ -30,8 +30,8 @@ import torch
 import imm_kernels
 from imm_kernels.backends import BackendUnavailableError, resolve_mmd_backend
 from imm_kernels.ops.reference import mmd_loss_cdist, mmd_loss_reference
+from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
-ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,6 @@ FUSED_BACKENDS = ("triton", "cuda") if ON_CUDA else ("native",)
 PROVIDERS = ("eager", "compiled", "cdist", *(f"imm_kernels[{b}]" for b in FUSED_BACKENDS))
 BACKEND_OF_REFERENCE = {"eager": "torch", "compiled": "inductor", "cdist": "torch"}
 CPU_MEMORY_LIMIT_GIB = 8
-CPU_ROUNDS = 20  # pytest-benchmark rounds; on the CPU their median is the device time
-CUDA_ROUNDS = 10  # host-side rounds for pytest-benchmark's table; do_bench gives the device time
 
 
 @dataclass(frozen=True)
@@ -190,16 +188,6 @@ def warm_up(step, provider: str, backend: str, case: Case, mode: str) -> str | N
     return None
 
 
-def cuda_peak_memory_mib(step) -> float:
-    """Memory allocated at the peak of one call, above what was allocated before it (the inputs)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
 def cpu_peak_memory_mib(case: Case, mode: str, provider: str) -> tuple[float | None, str | None]:
     """(RSS growth of one call in a fresh process, or None, and why None).
 
@@ -243,17 +231,6 @@ def measure_rss_growth(spec: dict) -> dict:
         return {"peak_mem_mib": None, "note": f"cannot reset the RSS peak here: {err}"}
     step()
     return {"peak_mem_mib": (_proc_status_kib("VmHWM") - baseline_kib) / 1024, "note": None}
-
-
-def device_time_ms(benchmark, step) -> float:
-    """Median time of one call: CUDA events (triton's do_bench) on the GPU, wall time on the CPU."""
-    if ON_CUDA:
-        import triton.testing
-
-        benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=CUDA_ROUNDS)
-        return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-    benchmark.pedantic(step, rounds=CPU_ROUNDS)
-    return benchmark.stats.stats.median * 1e3
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import torch
 import imm_kernels
 from imm_kernels import adaln_modulate, adaln_residual_modulate
 from imm_kernels.ops.adaln import MAX_HIDDEN, _rows_per_block, triton_unavailable
-from imm_kernels.ops.reference import adaln_modulate_reference, adaln_residual_modulate_reference
+from imm_kernels.ops.reference import adaln_modulate_reference
 
 from conftest import DEVICE
 
