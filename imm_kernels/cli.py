@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,22 +23,7 @@ import torch
 from .backends import backends, resolve_mmd_backend
 from .functional import mmd_loss
 from .ops.reference import mmd_loss_reference
-
-
-def _interleaved_medians_ms(providers: dict, repeats: int) -> dict:
-    """Median time of each provider, timed round-robin so that drift hits all alike."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for fn in providers.values():
-        fn()  # warm-up: compilation, allocator
-    times = {label: [] for label in providers}
-    for _ in range(repeats):
-        for label, fn in providers.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: statistics.median(t) for label, t in times.items()}
+from .sampling.latency import interleaved_medians_ms
 
 
 def _inputs(batch, group_size, num_features, dtype, device, seed=0):
@@ -101,7 +85,7 @@ def report(args) -> None:
 
     print(f"\nforward+backward, B={batch} M={group_size} D={num_features} {str(dtype)[6:]} on {name}, "
           f"median of {args.repeats}:")
-    medians = _interleaved_medians_ms(providers, args.repeats)
+    medians = interleaved_medians_ms(providers, args.repeats, warmup=1)
     baseline = medians["eager reference"]
     for label, ms in medians.items():
         print(f"  {label:<28} {ms:9.3f} ms   {baseline / ms:5.2f}x vs eager")
