@@ -109,7 +109,8 @@ def test_dit(benchmark, record_result, config, batch, mode, provider):
         pytest.skip("pytest-benchmark is disabled")
     info = benchmark.extra_info
     shape = f"{config} B={batch} {'x'.join(map(str, LATENT))}"
-    info.update(provider=provider, backend="torch" if provider in REFERENCE_PROVIDERS else "auto",
+    info.update(op="dit", shape_label="model B= latent", floor_note="no byte floor (compute-bound model)",
+                provider=provider, backend="torch" if provider in REFERENCE_PROVIDERS else "auto",
                 shape=shape, dtype="bf16 autocast", mode=mode, gbps=None, pct_copy_bw=None)
     benchmark.group = f"{shape} {mode}"
     step = make_step(config, provider, batch, mode)

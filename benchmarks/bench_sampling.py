@@ -97,6 +97,7 @@ def test_sampling_latency(benchmark, record_result, model, batch, steps, guided)
     mode = f"cfg {CFG_SCALE}" if guided else "no cfg"
     for provider, call in calls.items():
         row = {
+            "op": "sampling", "shape_label": "model B= N=", "floor_note": "no byte floor (latency)",
             "shape": case, "dtype": PRECISION, "mode": mode, "provider": PROVIDER_LABELS[provider],
             "device_ms": medians[provider], "gbps": None, "pct_copy_bw": None,
             "peak_mem_mib": peak_memory_mib(call), "status": "ok",
