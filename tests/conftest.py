@@ -30,3 +30,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *argv):
+    """Runs `imm-kernels ARGV` in this process; returns what it printed (capsys.readouterr())."""
+    from imm_kernels.cli import main
+
+    main(list(argv))
+    return capsys.readouterr()
+
+
+def cli_fails(capsys, *argv) -> str:
+    """Runs `imm-kernels ARGV`, which must exit with status 2 (a bad argument); returns its stderr."""
+    from imm_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err

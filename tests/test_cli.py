@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from imm_kernels.cli import main
+from conftest import cli_fails, run_cli
 
 TINY = ["--batch", "32", "--width", "16", "--depth", "1"]
 
@@ -13,38 +13,26 @@ TINY = ["--batch", "32", "--width", "16", "--depth", "1"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _run(capsys, *argv):
-    main(list(argv))
-    return capsys.readouterr()
-
-
-def _fails(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
 def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tmp_path, capsys):
     out = tmp_path / "toy"
-    printed = _run(capsys, "train", "--data", "toy2d", "--steps", "6", "--sample-every", "3", "--out", str(out), *TINY)
+    printed = run_cli(capsys, "train", "--data", "toy2d", "--steps", "6", "--sample-every", "3", "--out", str(out), *TINY)
     assert "done: step 6" in printed.out
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["data"] == "toy2d" and config["width"] == 16 and config["steps"] == 6
 
-    printed = _run(capsys, "train", "--resume", str(out), "--steps", "8")
+    printed = run_cli(capsys, "train", "--resume", str(out), "--steps", "8")
     assert "done: step 8" in printed.out
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 8
 
-    printed = _run(capsys, "eval", "--checkpoint", str(out), "--steps", "1,2", "--num-samples", "300")
+    printed = run_cli(capsys, "eval", "--checkpoint", str(out), "--steps", "1,2", "--num-samples", "300")
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["samples_1step.png", "samples_2step.png"]
     assert "FD" not in printed.out  # the digits table is for digits only
 
-    err = _fails(capsys, "train", "--resume", str(out), "--lr", "0.1")
+    err = cli_fails(capsys, "train", "--resume", str(out), "--lr", "0.1")
     assert "only steps, sample_every, ckpt_every, log_every can change, got lr" in err
-    err = _fails(capsys, "train", "--data", "toy2d", "--steps", "2", "--out", str(out), *TINY)
+    err = cli_fails(capsys, "train", "--data", "toy2d", "--steps", "2", "--out", str(out), *TINY)
     assert "already holds a checkpoint" in err
 
 
@@ -52,8 +40,8 @@ def test_latent_arrays_train_and_eval_to_npy(tmp_path, capsys):
     latents = tmp_path / "latents.npy"
     np.save(latents, np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32))
     out = tmp_path / "run"
-    _run(capsys, "train", "--data", str(latents), "--steps", "2", "--out", str(out), *TINY)
-    _run(capsys, "eval", "--checkpoint", str(out / "checkpoint"), "--steps", "2", "--num-samples", "10",
+    run_cli(capsys, "train", "--data", str(latents), "--steps", "2", "--out", str(out), *TINY)
+    run_cli(capsys, "eval", "--checkpoint", str(out / "checkpoint"), "--steps", "2", "--num-samples", "10",
          "--out", str(tmp_path / "eval"))
     assert np.load(tmp_path / "eval" / "samples_2step.npy").shape == (10, 6)
 
@@ -68,29 +56,29 @@ def test_latent_arrays_train_and_eval_to_npy(tmp_path, capsys):
     ],
 )
 def test_train_bad_configs_exit_with_a_message(tmp_path, capsys, options, message):
-    err = _fails(capsys, "train", "--out", str(tmp_path / "run"), *options)
+    err = cli_fails(capsys, "train", "--out", str(tmp_path / "run"), *options)
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
 def test_train_rejects_unknown_choices_and_bad_data_files(tmp_path, capsys):
-    assert "invalid choice: 'cosine'" in _fails(capsys, "train", "--out", str(tmp_path), "--schedule", "cosine")
-    assert "invalid choice: 'edm'" in _fails(capsys, "train", "--out", str(tmp_path), "--param", "edm")
+    assert "invalid choice: 'cosine'" in cli_fails(capsys, "train", "--out", str(tmp_path), "--schedule", "cosine")
+    assert "invalid choice: 'edm'" in cli_fails(capsys, "train", "--out", str(tmp_path), "--param", "edm")
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 3, 5)))
-    assert f"{bad}: array has shape (4, 3, 5)" in _fails(capsys, "train", "--data", str(bad), "--out", str(tmp_path))
-    assert "--out is required" in _fails(capsys, "train")
-    err = _fails(capsys, "eval", "--checkpoint", str(tmp_path / "nothing"))
+    assert f"{bad}: array has shape (4, 3, 5)" in cli_fails(capsys, "train", "--data", str(bad), "--out", str(tmp_path))
+    assert "--out is required" in cli_fails(capsys, "train")
+    err = cli_fails(capsys, "eval", "--checkpoint", str(tmp_path / "nothing"))
     assert f"checkpoint '{tmp_path / 'nothing'}' is not a checkpoint" in err
-    assert "expected step counts" in _fails(capsys, "eval", "--checkpoint", str(tmp_path), "--steps", "1,x")
-    err = _fails(capsys, "demo", "--num-samples", "5000", "--out", str(tmp_path / "demo"))
+    assert "expected step counts" in cli_fails(capsys, "eval", "--checkpoint", str(tmp_path), "--steps", "1,x")
+    err = cli_fails(capsys, "demo", "--num-samples", "5000", "--out", str(tmp_path / "demo"))
     assert "--num-samples must be in [2, 1438]" in err and not (tmp_path / "demo").exists()
-    assert "group_size must be an int >= 1" in _fails(capsys, "demo", "--group-size", "0", "--out", str(tmp_path))
+    assert "group_size must be an int >= 1" in cli_fails(capsys, "demo", "--group-size", "0", "--out", str(tmp_path))
 
 
 def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys):
     out = tmp_path / "demo"
-    printed = _run(capsys, "demo", "--steps", "20", "--batch", "64", "--num-samples", "200", "--out", str(out))
+    printed = run_cli(capsys, "demo", "--steps", "20", "--batch", "64", "--num-samples", "200", "--out", str(out))
     lines = printed.out.splitlines()
     table = [line for line in lines if line.startswith(("real digits", "gaussian fit", "untrained", "trained"))]
     assert [line.split("  ")[0].strip() for line in table] == [
@@ -100,7 +88,7 @@ def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys
     assert (out / "samples_m4.png").is_file() and (out / "m4" / "checkpoint" / "ema.safetensors").is_file()
 
     demo_rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in table}
-    printed = _run(capsys, "eval", "--checkpoint", str(out / "m4"), "--num-samples", "200")
+    printed = run_cli(capsys, "eval", "--checkpoint", str(out / "m4"), "--num-samples", "200")
     eval_rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in printed.out.splitlines()
                  if line.startswith(("untrained", "trained"))}
     assert eval_rows == {name: values for name, values in demo_rows.items() if name in eval_rows}

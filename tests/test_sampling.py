@@ -11,6 +11,8 @@ from imm_kernels import Preconditioner, schedules
 from imm_kernels.models.small import ConvBackbone, MLPBackbone
 from imm_kernels.sampling import GraphedSampler, pushforward, restart, time_grid
 
+from conftest import cli_fails, run_cli
+
 SIGMA_D = 0.5
 LABEL_DIM = 4
 DIM = 3
@@ -339,32 +341,16 @@ def test_graphed_sampler_zero_copy_output_and_conv_backbone():
 # The CLI.
 
 
-def _cli(capsys, *argv):
-    from imm_kernels.cli import main
-
-    main(list(argv))
-    return capsys.readouterr()
-
-
-def _cli_fails(capsys, *argv) -> str:
-    from imm_kernels.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
 def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
     from imm_kernels.train.data import save_image_grid
     from imm_kernels.train.evaluation import load_ema_net
     from imm_kernels.train.sampling_helpers import balanced_labels, prior_noise
 
     run = tmp_path / "digits"
-    _cli(capsys, "train", "--data", "digits", "--steps", "3", "--batch", "32", "--width", "16", "--depth", "1",
+    run_cli(capsys, "train", "--data", "digits", "--steps", "3", "--batch", "32", "--width", "16", "--depth", "1",
          "--conditional", "--out", str(run))
     out = tmp_path / "grid.png"
-    printed = _cli(capsys, "sample", "--checkpoint", str(run), "--steps", "1,3", "--cfg-scale", "1.5",
+    printed = run_cli(capsys, "sample", "--checkpoint", str(run), "--steps", "1,3", "--cfg-scale", "1.5",
                    "--batch", "4", "--grid", "edm", "--seed", "5", "--out", str(out))
     assert f"samples: {out} (one row per step count)" in printed.out
 
@@ -374,44 +360,44 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
     expected = save_image_grid(torch.cat(rows), tmp_path / "expected.png", nrow=4)
     assert out.read_bytes() == expected.read_bytes()
 
-    err = _cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2", "--grid", "eta", "--out", str(out))
+    err = cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2", "--grid", "eta", "--out", str(out))
     assert "--grid eta needs --mid-eta" in err
-    err = _cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2,4", "--grid", "eta", "--mid-eta", "1.4",
+    err = cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2,4", "--grid", "eta", "--mid-eta", "1.4",
                      "--out", str(out))
     assert "--mid-eta needs --grid eta and a single step count" in err
-    assert "--batch must be >= 1" in _cli_fails(capsys, "sample", "--checkpoint", str(run), "--batch", "0",
+    assert "--batch must be >= 1" in cli_fails(capsys, "sample", "--checkpoint", str(run), "--batch", "0",
                                                 "--out", str(out))
-    assert "argument --steps: expected step counts" in _cli_fails(capsys, "sample", "--checkpoint", str(run),
+    assert "argument --steps: expected step counts" in cli_fails(capsys, "sample", "--checkpoint", str(run),
                                                                   "--steps", "0", "--out", str(out))
-    assert "argument --sampler: invalid choice" in _cli_fails(capsys, "sample", "--checkpoint", str(run),
+    assert "argument --sampler: invalid choice" in cli_fails(capsys, "sample", "--checkpoint", str(run),
                                                               "--sampler", "heun", "--out", str(out))
-    assert "is not a checkpoint" in _cli_fails(capsys, "sample", "--checkpoint", str(tmp_path / "none"),
+    assert "is not a checkpoint" in cli_fails(capsys, "sample", "--checkpoint", str(tmp_path / "none"),
                                                "--out", str(out))
 
 
 def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_path, capsys):
     run = tmp_path / "toy"
-    _cli(capsys, "train", "--data", "toy2d", "--steps", "2", "--batch", "32", "--width", "16", "--depth", "1",
+    run_cli(capsys, "train", "--data", "toy2d", "--steps", "2", "--batch", "32", "--width", "16", "--depth", "1",
          "--out", str(run))
     out = tmp_path / "points.png"
-    printed = _cli(capsys, "sample", "--checkpoint", str(run), "--steps", "1,2", "--sampler", "restart",
+    printed = run_cli(capsys, "sample", "--checkpoint", str(run), "--steps", "1,2", "--sampler", "restart",
                    "--batch", "200", "--out", str(out))
     assert "one panel per step count" in printed.out
     from PIL import Image
 
     assert Image.open(out).size == (2 * 512 + 8, 512)
-    err = _cli_fails(capsys, "sample", "--checkpoint", str(run), "--cfg-scale", "2", "--out", str(out))
+    err = cli_fails(capsys, "sample", "--checkpoint", str(run), "--cfg-scale", "2", "--out", str(out))
     assert "--cfg-scale needs a conditional checkpoint" in err
 
 
 def test_cli_bench_sampling_on_cpu_says_graphed_is_eager(capsys):
-    printed = _cli(capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1")
+    printed = run_cli(capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1")
     lines = printed.out.splitlines()
     assert "no GPU: GraphedSampler runs the eager sampler here" in printed.out
     rows = [line.split() for line in lines if line.strip() and line.split()[0] == "1"]
     assert [row[:3] for row in rows] == [["1", "1", "-"], ["1", "1", "1.5"]]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
-    assert "argument --batch: expected batch sizes" in _cli_fails(capsys, "bench-sampling", "--batch", "0")
+    assert "argument --batch: expected batch sizes" in cli_fails(capsys, "bench-sampling", "--batch", "0")
 
 
 @pytest.mark.skipif(not CUDA, reason="host-sync detection needs a GPU")
