@@ -25,7 +25,8 @@ import os
 import pytest
 import torch
 
-ON_CUDA = torch.cuda.is_available()
+from timing import ON_CUDA, cuda_peak_memory_mib
+
 MODELS = ("dit-s2", "dit-xl2")
 BATCHES = (1, 4, 16, 64)
 STEPS = (1, 2, 4, 8)
@@ -54,16 +55,6 @@ def compiles(batch: int, steps: int) -> bool:
     if COMPILE == "all":
         return True
     return COMPILE != "none" and batch == 1 and steps in (1, 8)
-
-
-def peak_memory_mib(call) -> float:
-    """Memory allocated at the peak of one call above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    call()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
 
 
 @pytest.mark.parametrize("guided", [False, True], ids=["no-cfg", "cfg"])
@@ -100,7 +91,7 @@ def test_sampling_latency(benchmark, record_result, model, batch, steps, guided)
             "op": "sampling", "shape_label": "model B= N=", "floor_note": "no byte floor (latency)",
             "shape": case, "dtype": PRECISION, "mode": mode, "provider": PROVIDER_LABELS[provider],
             "device_ms": medians[provider], "gbps": None, "pct_copy_bw": None,
-            "peak_mem_mib": peak_memory_mib(call), "status": "ok",
+            "peak_mem_mib": cuda_peak_memory_mib(call), "status": "ok",
         }
         if provider == "GraphedSampler":
             row["peak_mem_note"] = f"GPU busy {100 * busy:.0f}% of the call"
