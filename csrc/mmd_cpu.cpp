@@ -107,7 +107,7 @@ void block_rows(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int
 #endif
 
 // A gradient at least this large does not stay in cache anyway: its rows are written with
-// streaming stores, which skip reading each line before overwriting it (a third of the traffic).
+// streaming stores, which skip reading each line before overwriting it (half the bytes of a write).
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
 // dst[0, n) = src[0, n) converted to scalar_t; streaming stores for fp32/fp64 when `streaming`.

@@ -10,14 +10,15 @@ Forward: (loss_g, S, MMD^2_g, dMMD^2_g/db) with S_ij = ||z_i - z_j||^2 over each
 group's stacked z = [x_g; y_g]. Only S (a few KB per group) and the two
 per-group scalars are saved; the backward reads x and y once more.
 
+Gradients for bandwidth and weight follow from the saved scalars:
+dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
+
 A backend may also offer `forward_with_grad`: the forward plus (dx, dy) for an
 upstream gradient guessed in advance (1/G under reduction="mean", else 1),
 computed while each group is still in cache. Its backward returns those when the
 gradient that arrives is the guessed one (a loss's `.backward()`), and otherwise
 runs the ordinary backward: never a wrong gradient, only a wasted pass. Eager
 mode only; under torch.compile the plain op is used.
-Gradients for bandwidth and weight follow from the saved scalars:
-dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
 """
 
 from __future__ import annotations
@@ -129,13 +130,17 @@ def _setup_context(ctx, inputs, output):
     ctx.group_size, ctx.eps, ctx.backend = group_size, eps, backend
 
 
-def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
-    x, y, sqdist, bandwidth, weight, mmd2, dmmd_db = ctx.saved_tensors
+def _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db):
+    """The gradients mmd_forward returns, dx and dy computed from x, y and the saved S."""
     need_dx, need_dy = ctx.needs_input_grad[:2]
     dx, dy = mmd_backward(
         grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
     )
-    return (*_input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db), None, None, None)
+    return _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
+
+
+def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
+    return (*_recomputed_grads(ctx, grad_loss, *ctx.saved_tensors), None, None, None)
 
 
 mmd_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -163,12 +168,11 @@ class _MMDWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
-        if not bool((grad_loss == ctx.expected_grad).all()):  # not the guessed gradient: compute it
-            need_dx, need_dy = ctx.needs_input_grad[:2]
-            dx, dy = mmd_backward(
-                grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
-            )
-        return (*_input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db), None, None, None, None)
+        if bool((grad_loss == ctx.expected_grad).all()):
+            grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
+        else:  # not the guessed gradient: compute dx and dy from x and y
+            grads = _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
+        return (*grads, None, None, None, None)
 
 
 def grouped_mmd(
