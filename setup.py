@@ -20,8 +20,10 @@ import sys
 
 from setuptools import setup
 
-# No FMA contraction: the AVX-512, AVX2 and baseline clones of the CPU loops round alike.
-CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off"]
+# No FMA contraction by default: scalar sums such as +c - c must cancel exactly. (csrc/mmd_cpu.cpp
+# turns it on for its vector loops alone.) Hidden visibility: two builds of _C loaded in one
+# process never resolve to each other's code.
+CXX_FLAGS = ["-O3", "-g0", "-fvisibility=hidden", "-ffp-contract=off"]
 
 
 def _switch(name: str) -> bool:

@@ -3,19 +3,21 @@
 // Work is split into tasks (group, column split). A task walks its columns in
 // blocks: fp32/fp64 rows are read in place, fp16/bf16 rows (and a ragged last
 // block) are first converted into a small zero-padded buffer. The group's 2M rows
-// are padded to whole 4-row tiles; for each 4x4 tile of row pairs, 16 vectors of
-// independent lane sums stay in registers while 8 row vectors stream past (a tile on
-// the diagonal keeps only its 10 pairs i <= j; GCC vector extensions, no
-// reassociation). Lanes are summed once per task. The hot
-// loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline and picked
-// at load time (GCC target_clones); with -ffp-contract=off every clone rounds alike. The number of splits depends only
-// on (G, D), and partial sums are added in a fixed order, so results are bitwise
-// the same for any thread count. Nothing (2M)x(2M)xD is ever allocated.
+// are padded to whole 4-row tiles. S_ij is summed for pairs i < j only: within a
+// tile its 6 pairs, across two tiles 2x4 pairs at a time (8 accumulators and 6 row
+// vectors fit the 16 AVX2 registers); the diagonal is 0 unless a row holds Inf or
+// NaN, which the off-diagonal sums reveal (see forward_kernel). Lane sums stay in
+// registers over a block and are added once per task, in a fixed order. The hot
+// loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at
+// load time (GCC target_clones), and contract into FMAs where the clone has them.
+// The number of splits depends only on (G, D), so results are bitwise the same for
+// any thread count. Nothing (2M)x(2M)xD is ever allocated.
 //
 // mmd_forward_with_grad_cpu also writes dz for an upstream gradient given in
 // advance, right after the group's S: its rows are then reread from L2, not
-// memory, and the backward has nothing left to do. Large outputs are written with
-// streaming stores (no read of each line before it is overwritten).
+// memory, and the backward has nothing left to do. Gradient vectors are stored as
+// they are made; large outputs with streaming stores (no read of each line before
+// it is overwritten), which then drain to memory while the arithmetic goes on.
 #include "mmd.h"
 #include "mmd_common.h"
 
@@ -38,7 +40,8 @@ namespace {
 template <typename acc_t>
 constexpr int64_t kLanes = 32 / sizeof(acc_t);
 constexpr int64_t kTile = 4;  // rows per register tile; a group's 2M rows are padded to a multiple
-constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L2 while its tiles reread it
+constexpr int64_t kHalfTile = 2;  // rows of a tile an off-diagonal pass takes at once
+constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L1 while its tiles reread it
 constexpr int64_t kTargetTasks = 64;    // fewer groups than this split D (fixed, not the thread count)
 constexpr int64_t kMinSplitColumns = 4096;
 
@@ -77,17 +80,14 @@ struct GroupRows {
 
 // Pointers to columns [col, col + padded) of the group's rows (then zero rows up to padded_rows).
 // fp32/fp64 rows are read in place when the block is a whole number of vectors; otherwise the
-// block is converted into `buf` (row pitch `pitch`) and zero-padded. Either way the same rows'
-// next block is prefetched, whose first touch would otherwise stall on memory.
+// block is converted into `buf` (row pitch `pitch`) and zero-padded. No software prefetch: the
+// hardware's stream prefetchers follow these sequential rows, and a burst of prefetches for a
+// whole block only stalls the core until they drain (measured slower).
 template <typename scalar_t, typename acc_t>
 void block_rows(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int64_t col, int64_t n,
-                int64_t padded, int64_t pitch, int64_t col_end, acc_t* buf, const acc_t* zeros,
-                std::vector<const acc_t*>& ptrs) {
-  constexpr int64_t line = 64 / sizeof(scalar_t);
-  const int64_t ahead = std::min(n, col_end - col - n);
+                int64_t padded, int64_t pitch, acc_t* buf, const acc_t* zeros, std::vector<const acc_t*>& ptrs) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src.row(group, r) + col;
-    for (int64_t c = 0; c < ahead; c += line) __builtin_prefetch(in + n + c);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (n == padded) {
         ptrs[r] = in;
@@ -151,6 +151,12 @@ inline void fence_streaming_stores() {
 #define IMM_UNROLL16
 #endif
 
+// The vector loops below, alone, contract a * b + c into FMAs (in the AVX-512 and AVX2 clones,
+// which then round alike; the pre-FMA baseline clone cannot): it halves their arithmetic, and
+// their sums need no exact cancellation. Scalar code elsewhere keeps -ffp-contract=off.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
 // One 32-byte vector of the compute dtype (GCC/Clang vector extensions: the target_clones
 // variants turn it into one AVX register, the baseline into two SSE registers).
 typedef float float_vector __attribute__((vector_size(32)));
@@ -178,56 +184,53 @@ IMM_INLINE void store_vector(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
-// For a 4x4 tile of row pairs (rows i0..i0+3 against j0..j0+3), lane vector p accumulates
-// (z_i - z_j)^2 over columns c = l mod kLanes: 16 pairs share 8 row loads per step and the
-// 16 accumulators stay in registers. Lanes are summed only once, at the end of a task.
+// Rows i0, i0+1 against a tile's 4 rows j: lane vector p = ti * kTile + tj accumulates
+// (z_i - z_j)^2 over columns c = l mod kLanes. 8 accumulators and 6 row vectors fit in the 16
+// AVX2 registers, where a whole 4x4 tile would spill. Lanes are summed once, at the end of a task.
 template <typename acc_t>
-IMM_INLINE void add_tile_sqdist(const acc_t* const* rows_i, const acc_t* const* rows_j, int64_t padded,
-                                acc_t* lanes) {
+IMM_INLINE void add_half_tile_sqdist(const acc_t* const* rows_i, const acc_t* const* rows_j, int64_t padded,
+                                     acc_t* lanes) {
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
-  V acc[kTile * kTile];
-  IMM_UNROLL16 for (int64_t p = 0; p < kTile * kTile; ++p) acc[p] = load_vector<V>(lanes + p * L);
+  V acc[kHalfTile * kTile];
+  IMM_UNROLL16 for (int64_t p = 0; p < kHalfTile * kTile; ++p) acc[p] = load_vector<V>(lanes + p * L);
   for (int64_t c = 0; c < padded; c += L) {
-    V a[kTile], b[kTile];
-    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
-      a[t] = load_vector<V>(rows_i[t] + c);
-      b[t] = load_vector<V>(rows_j[t] + c);
-    }
-    IMM_UNROLL for (int64_t ti = 0; ti < kTile; ++ti) {
+    V a[kHalfTile], b[kTile];
+    IMM_UNROLL for (int64_t t = 0; t < kHalfTile; ++t) a[t] = load_vector<V>(rows_i[t] + c);
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) b[t] = load_vector<V>(rows_j[t] + c);
+    IMM_UNROLL for (int64_t ti = 0; ti < kHalfTile; ++ti) {
       IMM_UNROLL for (int64_t tj = 0; tj < kTile; ++tj) {
         const V diff = a[ti] - b[tj];
         acc[ti * kTile + tj] += diff * diff;
       }
     }
   }
-  IMM_UNROLL16 for (int64_t p = 0; p < kTile * kTile; ++p) store_vector(lanes + p * L, acc[p]);
+  IMM_UNROLL16 for (int64_t p = 0; p < kHalfTile * kTile; ++p) store_vector(lanes + p * L, acc[p]);
 }
 
-// The same for a diagonal tile (rows i0..i0+3 against themselves): only its 10 pairs i <= j, whose
-// lane sums go to the same slots as in add_tile_sqdist. The 4 diagonal pairs are kept because
-// (z_i - z_i)^2 is NaN for a row holding Inf or NaN, which must make the loss NaN.
+// The same within one tile's 4 rows: its 6 pairs i < j, in the slots add_half_tile_sqdist would
+// use. The diagonal is not summed: it is 0 for finite rows (see forward_kernel for the others).
 template <typename acc_t>
 IMM_INLINE void add_diagonal_tile_sqdist(const acc_t* const* rows, int64_t padded, acc_t* lanes) {
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
-  constexpr int64_t kPairs = kTile * (kTile + 1) / 2;
+  constexpr int64_t kPairs = kTile * (kTile - 1) / 2;
   V acc[kPairs];
   IMM_UNROLL16 for (int64_t ti = 0, p = 0; ti < kTile; ++ti) {
-    IMM_UNROLL for (int64_t tj = ti; tj < kTile; ++tj, ++p) acc[p] = load_vector<V>(lanes + (ti * kTile + tj) * L);
+    IMM_UNROLL for (int64_t tj = ti + 1; tj < kTile; ++tj, ++p) acc[p] = load_vector<V>(lanes + (ti * kTile + tj) * L);
   }
   for (int64_t c = 0; c < padded; c += L) {
     V a[kTile];
     IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) a[t] = load_vector<V>(rows[t] + c);
     IMM_UNROLL for (int64_t ti = 0, p = 0; ti < kTile; ++ti) {
-      IMM_UNROLL for (int64_t tj = ti; tj < kTile; ++tj, ++p) {
+      IMM_UNROLL for (int64_t tj = ti + 1; tj < kTile; ++tj, ++p) {
         const V diff = a[ti] - a[tj];
         acc[p] += diff * diff;
       }
     }
   }
   IMM_UNROLL16 for (int64_t ti = 0, p = 0; ti < kTile; ++ti) {
-    IMM_UNROLL for (int64_t tj = ti; tj < kTile; ++tj, ++p) store_vector(lanes + (ti * kTile + tj) * L, acc[p]);
+    IMM_UNROLL for (int64_t tj = ti + 1; tj < kTile; ++tj, ++p) store_vector(lanes + (ti * kTile + tj) * L, acc[p]);
   }
 }
 
@@ -238,21 +241,45 @@ IMM_VECTOR_CLONES void add_diagonal_tile_sqdist_vec(const double* const* rows, i
   add_diagonal_tile_sqdist(rows, padded, lanes);
 }
 
-IMM_VECTOR_CLONES void add_tile_sqdist_vec(const float* const* rows_i, const float* const* rows_j, int64_t padded,
-                                           float* lanes) {
-  add_tile_sqdist(rows_i, rows_j, padded, lanes);
+IMM_VECTOR_CLONES void add_half_tile_sqdist_vec(const float* const* rows_i, const float* const* rows_j,
+                                                int64_t padded, float* lanes) {
+  add_half_tile_sqdist(rows_i, rows_j, padded, lanes);
 }
-IMM_VECTOR_CLONES void add_tile_sqdist_vec(const double* const* rows_i, const double* const* rows_j,
-                                           int64_t padded, double* lanes) {
-  add_tile_sqdist(rows_i, rows_j, padded, lanes);
+IMM_VECTOR_CLONES void add_half_tile_sqdist_vec(const double* const* rows_i, const double* const* rows_j,
+                                                int64_t padded, double* lanes) {
+  add_half_tile_sqdist(rows_i, rows_j, padded, lanes);
+}
+
+// Stores v at p; with `streaming`, as SSE2 non-temporal stores (every clone has them; p 16-byte
+// aligned), which do not read the line first and leave the cache to the rows still in use.
+template <typename V, typename T>
+IMM_INLINE void write_vector(T* p, V v, bool streaming) {
+#if defined(__x86_64__)
+  if (streaming) {
+    IMM_UNROLL for (size_t half = 0; half < sizeof(V) / 16; ++half) {
+      if constexpr (std::is_same_v<T, float>) {
+        __m128 part;
+        __builtin_memcpy(&part, reinterpret_cast<const char*>(&v) + 16 * half, 16);
+        _mm_stream_ps(p + half * 4, part);
+      } else {
+        __m128d part;
+        __builtin_memcpy(&part, reinterpret_cast<const char*>(&v) + 16 * half, 16);
+        _mm_stream_pd(p + half * 2, part);
+      }
+    }
+    return;
+  }
+#endif
+  store_vector(p, v);
 }
 
 // out[t][c] = sum_j coeff[t][j] (z_(i0+t),c - z_j,c) for 4 rows t at once, j = 0..rows-1 in order:
 // direct differences, exact when rows converge. coeff has row pitch `rows`. Two column vectors
-// per step give 8 independent sums, enough to hide the FMA latency of the j chain.
+// per step give 8 independent sums, enough to hide the FMA latency of the j chain. Results go
+// straight to the 4 rows `out` as they are made, so the stores stream out during the arithmetic.
 template <typename acc_t>
 IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* z, int64_t i0, int64_t rows,
-                                        int64_t pitch, int64_t padded, acc_t* out) {
+                                        int64_t padded, acc_t* const* out, const bool* streaming) {
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   constexpr int64_t kCols = 2;
@@ -273,7 +300,7 @@ IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* 
       }
     }
     IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
-      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) store_vector(out + t * pitch + c + u * L, sums[t][u]);
+      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) write_vector(out[t] + c + u * L, sums[t][u], streaming[t]);
     }
   }
   for (; c < padded; c += L) {  // the odd last vector
@@ -286,17 +313,32 @@ IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* 
       const V zj = load_vector<V>(z[j] + c);
       IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) sums[t] += coeff[(i0 + t) * rows + j] * (zi[t] - zj);
     }
-    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) store_vector(out + t * pitch + c, sums[t]);
+    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) write_vector(out[t] + c, sums[t], streaming[t]);
   }
 }
 
 IMM_VECTOR_CLONES void apply_tile_coefficients_vec(const float* coeff, const float* const* z, int64_t i0,
-                                                   int64_t rows, int64_t pitch, int64_t padded, float* out) {
-  apply_tile_coefficients(coeff, z, i0, rows, pitch, padded, out);
+                                                   int64_t rows, int64_t padded, float* const* out,
+                                                   const bool* streaming) {
+  apply_tile_coefficients(coeff, z, i0, rows, padded, out, streaming);
 }
 IMM_VECTOR_CLONES void apply_tile_coefficients_vec(const double* coeff, const double* const* z, int64_t i0,
-                                                   int64_t rows, int64_t pitch, int64_t padded, double* out) {
-  apply_tile_coefficients(coeff, z, i0, rows, pitch, padded, out);
+                                                   int64_t rows, int64_t padded, double* const* out,
+                                                   const bool* streaming) {
+  apply_tile_coefficients(coeff, z, i0, rows, padded, out, streaming);
+}
+#pragma GCC pop_options
+
+// sum_c (z_ic - z_ic)^2 over [col_begin, col_end): 0, or NaN where the row holds Inf or NaN.
+template <typename acc_t, typename scalar_t>
+acc_t self_sqdist(const GroupRows<scalar_t>& src, int64_t group, int64_t r, int64_t col_begin, int64_t col_end) {
+  const scalar_t* row = src.row(group, r);
+  acc_t sum = 0;
+  for (int64_t c = col_begin; c < col_end; ++c) {
+    const acc_t diff = static_cast<acc_t>(row[c]) - static_cast<acc_t>(row[c]);
+    sum += diff * diff;
+  }
+  return sum;
 }
 
 // Sums the L lanes pairwise, in a fixed order.
@@ -311,51 +353,59 @@ acc_t sum_lanes(const acc_t* lanes) {
   return tmp[0];
 }
 
-// loss_g, MMD^2_g and dMMD^2_g/db from the group's finished S.
+// Where group_terms puts loss_g, MMD^2_g and dMMD^2_g/db: (G,) arrays, or all null (backward).
 template <typename acc_t>
-void finalize_group(const acc_t* sq, int64_t group, int64_t group_size, acc_t bandwidth, acc_t weight, acc_t eps,
-                    acc_t features, acc_t* loss, acc_t* mmd2, acc_t* dmmd_db) {
-  const int64_t rows = 2 * group_size;
-  const acc_t pairs = static_cast<acc_t>(group_size * group_size);
-  acc_t sum_kern = 0, sum_kern_dist = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < rows; ++j) {
-      const LaplaceTerms<acc_t> terms(sq[i * rows + j], bandwidth, eps, features);
-      const acc_t signed_kern = pair_sign<acc_t>(i, j, group_size) * terms.kern;
-      sum_kern += signed_kern;
-      sum_kern_dist += signed_kern * terms.dist;
-    }
-  }
-  mmd2[group] = sum_kern / pairs;
-  dmmd_db[group] = -sum_kern_dist / pairs / features;
-  loss[group] = weight * mmd2[group];
-}
+struct GroupLosses {
+  acc_t* loss;
+  acc_t* mmd2;
+  acc_t* dmmd_db;
+};
 
-// The group's (2M x 2M) A of mmd.h for upstream gradient `grad`, row pitch 2M.
+// The group's losses into `out` (unless null) and, into `coeff` (unless null), its (2M x 2M) A
+// of mmd.h for upstream gradient `grad`, row pitch 2M, from its finished S. Each unordered pair's
+// sqrt and exp are taken once (into `work`, 2 (2M)^2 values); the sums then run over all (i, j)
+// row by row, whose +k and -k cancel exactly when x == y.
 template <typename acc_t>
-void group_coefficients(const acc_t* sq, int64_t group_size, acc_t grad, acc_t bandwidth, acc_t weight, acc_t eps,
-                        acc_t features, acc_t* coeff) {
+void group_terms(const acc_t* sq, int64_t group, int64_t group_size, acc_t bandwidth, acc_t weight, acc_t eps,
+                 acc_t features, const GroupLosses<acc_t>& out, acc_t grad, acc_t* coeff, acc_t* work) {
   const int64_t rows = 2 * group_size;
   const acc_t pairs = static_cast<acc_t>(group_size * group_size);
   const acc_t scale = acc_t(-2) * grad * weight * bandwidth / pairs / features;
+  acc_t* signed_kern = work;
+  acc_t* signed_kern_dist = work + rows * rows;
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t j = i; j < rows; ++j) {
       const LaplaceTerms<acc_t> terms(sq[i * rows + j], bandwidth, eps, features);
-      coeff[i * rows + j] = terms.close ? acc_t(0) : scale * pair_sign<acc_t>(i, j, group_size) * terms.kern / terms.dist;
+      const acc_t sign = pair_sign<acc_t>(i, j, group_size);
+      signed_kern[i * rows + j] = signed_kern[j * rows + i] = sign * terms.kern;
+      signed_kern_dist[i * rows + j] = signed_kern_dist[j * rows + i] = sign * terms.kern * terms.dist;
+      if (coeff != nullptr) {
+        coeff[i * rows + j] = coeff[j * rows + i] = terms.close ? acc_t(0) : scale * sign * terms.kern / terms.dist;
+      }
     }
+  }
+  if (out.loss != nullptr) {
+    acc_t sum_kern = 0, sum_kern_dist = 0;
+    for (int64_t e = 0; e < rows * rows; ++e) {
+      sum_kern += signed_kern[e];
+      sum_kern_dist += signed_kern_dist[e];
+    }
+    out.mmd2[group] = sum_kern / pairs;
+    out.dmmd_db[group] = -sum_kern_dist / pairs / features;
+    out.loss[group] = weight * out.mmd2[group];
   }
 }
 
 // Per-thread scratch of one task: converted/padded blocks, row pointers, 4 output rows, A.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> buf, zeros, out, coeff;
+  std::vector<acc_t> buf, zeros, out, coeff, terms;
   std::vector<const acc_t*> ptrs;
 
   explicit Scratch(const Plan& plan)
       : buf(plan.padded_rows * plan.block_cols), zeros(plan.block_cols, acc_t(0)), out(kTile * plan.block_cols),
         coeff(plan.padded_rows * plan.rows, acc_t(0)),  // padding rows: zero coefficients
-        ptrs(plan.padded_rows) {}
+        terms(2 * plan.rows * plan.rows), ptrs(plan.padded_rows) {}
 };
 
 // Where dz goes: dx and/or dy rows of the group (rows [first_row, last_row) of z).
@@ -365,6 +415,11 @@ struct GradientRows {
   scalar_t* dy;
   int64_t first_row, last_row;
   bool streaming;  // large outputs: streaming stores (see kStreamingBytes)
+
+  scalar_t* row(int64_t group, int64_t i, const Plan& plan) const {
+    return i < plan.group_size ? dx + (group * plan.group_size + i) * plan.num_features
+                               : dy + (group * plan.group_size + i - plan.group_size) * plan.num_features;
+  }
 };
 
 // dz_i = sum_j A_ij (z_i - z_j) over columns [col_begin, col_end) of the group, A in scratch.coeff.
@@ -372,19 +427,31 @@ template <typename scalar_t, typename acc_t>
 void write_group_gradient(const GroupRows<scalar_t>& src, const Plan& plan, int64_t group, int64_t col_begin,
                           int64_t col_end, const GradientRows<scalar_t>& dst, Scratch<acc_t>& scratch) {
   constexpr int64_t L = kLanes<acc_t>;
-  const int64_t rows = plan.rows, group_size = plan.group_size, pitch = plan.block_cols;
+  const int64_t rows = plan.rows, pitch = plan.block_cols;
   for (int64_t col = col_begin; col < col_end; col += pitch) {
     const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-    block_rows(src, group, rows, col, n, padded, pitch, col_end, scratch.buf.data(), scratch.zeros.data(),
+    block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
                scratch.ptrs);
     for (int64_t i0 = dst.first_row / kTile * kTile; i0 < dst.last_row; i0 += kTile) {
-      apply_tile_coefficients_vec(scratch.coeff.data(), scratch.ptrs.data(), i0, rows, pitch, padded,
-                                  scratch.out.data());
-      for (int64_t i = std::max(i0, dst.first_row); i < std::min(i0 + kTile, dst.last_row); ++i) {
-        scalar_t* out = i < group_size ? dst.dx + (group * group_size + i) * plan.num_features
-                                       : dst.dy + (group * group_size + i - group_size) * plan.num_features;
-        const acc_t* row = scratch.out.data() + (i - i0) * pitch;
-        store_row(out + col, row, n, dst.streaming);
+      // fp32/fp64 whole vectors go straight to dz (streamed when large and 16-byte aligned);
+      // converted or ragged blocks go to scratch rows first, as do rows not asked for.
+      const bool direct = std::is_same_v<scalar_t, acc_t> && n == padded;
+      acc_t* out[kTile];
+      bool streaming[kTile];
+      for (int64_t t = 0; t < kTile; ++t) {
+        const int64_t i = i0 + t;
+        out[t] = scratch.out.data() + t * pitch;
+        streaming[t] = false;
+        if (direct && i >= dst.first_row && i < dst.last_row) {
+          out[t] = reinterpret_cast<acc_t*>(dst.row(group, i, plan) + col);
+          streaming[t] = dst.streaming && reinterpret_cast<std::uintptr_t>(out[t]) % 16 == 0;
+        }
+      }
+      apply_tile_coefficients_vec(scratch.coeff.data(), scratch.ptrs.data(), i0, rows, padded, out, streaming);
+      if (!direct) {
+        for (int64_t i = std::max(i0, dst.first_row); i < std::min(i0 + kTile, dst.last_row); ++i) {
+          store_row(dst.row(group, i, plan) + col, scratch.out.data() + (i - i0) * pitch, n, dst.streaming);
+        }
       }
     }
   }
@@ -419,9 +486,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
   const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
   const acc_t* weight_ptr = weight.data_ptr<acc_t>();
-  acc_t* loss_ptr = loss.data_ptr<acc_t>();
-  acc_t* mmd2_ptr = mmd2.data_ptr<acc_t>();
-  acc_t* dmmd_db_ptr = dmmd_db.data_ptr<acc_t>();
+  const GroupLosses<acc_t> losses{loss.data_ptr<acc_t>(), mmd2.data_ptr<acc_t>(), dmmd_db.data_ptr<acc_t>()};
   const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
 
   constexpr int64_t L = kLanes<acc_t>;
@@ -437,32 +502,39 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
       std::fill(lanes.begin(), lanes.end(), acc_t(0));
       for (int64_t col = col_begin; col < col_end; col += pitch) {
         const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-        block_rows(src, group, rows, col, n, padded, pitch, col_end, scratch.buf.data(), scratch.zeros.data(),
+        block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
                    scratch.ptrs);
         for (int64_t bi = 0; bi < blocks; ++bi) {
           add_diagonal_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, padded,
                                        lanes.data() + (bi * blocks + bi) * kTile * kTile * L);
           for (int64_t bj = bi + 1; bj < blocks; ++bj) {
-            add_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, scratch.ptrs.data() + bj * kTile, padded,
-                                lanes.data() + (bi * blocks + bj) * kTile * kTile * L);
+            for (int64_t half = 0; half < kTile; half += kHalfTile) {
+              add_half_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile + half, scratch.ptrs.data() + bj * kTile,
+                                       padded, lanes.data() + ((bi * blocks + bj) * kTile + half) * kTile * L);
+            }
           }
         }
       }
-      // The diagonal too: it is 0 for finite rows and NaN for rows holding Inf/NaN.
       acc_t* sq = partial_ptr + task * tile;
+      bool all_finite = true;
       for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = i; j < rows; ++j) {
+        for (int64_t j = i + 1; j < rows; ++j) {
           const int64_t tile_index = (i / kTile) * blocks + j / kTile;
           const int64_t pair = (i % kTile) * kTile + j % kTile;
-          sq[i * rows + j] = sq[j * rows + i] = sum_lanes(lanes.data() + (tile_index * kTile * kTile + pair) * L);
+          const acc_t s = sum_lanes(lanes.data() + (tile_index * kTile * kTile + pair) * L);
+          sq[i * rows + j] = sq[j * rows + i] = s;
+          all_finite = all_finite && std::isfinite(s);
         }
+      }
+      // S_ii is 0 for a finite row and NaN for a row holding Inf or NaN (whose loss must be NaN).
+      // Such a row also makes its S_ij (j != i) Inf or NaN, so all-finite pairs mean all S_ii = 0.
+      for (int64_t i = 0; i < rows; ++i) {
+        sq[i * rows + i] = all_finite ? acc_t(0) : self_sqdist<acc_t>(src, group, i, col_begin, col_end);
       }
       if (fused_grad != nullptr) {
         const acc_t grad = fused_grad->data_ptr<acc_t>()[group * fused_grad->stride(0)];
-        finalize_group(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features,
-                       loss_ptr, mmd2_ptr, dmmd_db_ptr);
-        group_coefficients(sq, plan.group_size, grad, bandwidth_ptr[group], weight_ptr[group], eps_c, features,
-                           scratch.coeff.data());
+        group_terms(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features, losses,
+                    grad, scratch.coeff.data(), scratch.terms.data());
         write_group_gradient(src, plan, group, col_begin, col_end, fused_dst, scratch);
       }
     }
@@ -471,6 +543,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   if (fused_grad != nullptr) return;
 
   at::parallel_for(0, plan.num_groups, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(2 * tile);
     for (int64_t group = begin; group < end; ++group) {
       acc_t* sq = sqdist_ptr + group * tile;
       if (plan.num_splits > 1) {  // sum the partials in split order
@@ -480,8 +553,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
           for (int64_t e = 0; e < tile; ++e) sq[e] += parts[split * tile + e];
         }
       }
-      finalize_group(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features,
-                     loss_ptr, mmd2_ptr, dmmd_db_ptr);
+      group_terms(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features, losses,
+                  acc_t(0), static_cast<acc_t*>(nullptr), work.data());
     }
   });
 }
@@ -505,8 +578,9 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
     Scratch<acc_t> scratch(plan);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-      group_coefficients(sqdist_ptr + group * rows * rows, plan.group_size, grad_ptr[group * grad_stride],
-                         bandwidth_ptr[group], weight_ptr[group], eps_c, features, scratch.coeff.data());
+      group_terms(sqdist_ptr + group * rows * rows, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group],
+                  eps_c, features, GroupLosses<acc_t>{}, grad_ptr[group * grad_stride], scratch.coeff.data(),
+                  scratch.terms.data());
       const int64_t col_begin = split * plan.cols_per_split;
       write_group_gradient(src, plan, group, col_begin, std::min(plan.num_features, col_begin + plan.cols_per_split),
                            dst, scratch);

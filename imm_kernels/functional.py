@@ -103,6 +103,7 @@ def mmd_loss(
     cdtype = compute_dtype(x.dtype)
     bandwidth = as_per_group(bandwidth, num_groups, cdtype, x.device)
     weight = as_per_group(1.0 if weight is None else weight, num_groups, cdtype, x.device)
-    # What `loss.backward()` will send each group; fused backends may compute dx for it up front.
-    hint = {} if name == "torch" else {"expected_grad": 1.0 / num_groups if reduction == "mean" else 1.0}
-    return reduce_groups(grouped_mmd(x, y, int(group_size), bandwidth, weight, float(eps), **hint), reduction)
+    if name == "torch":
+        return reduce_groups(grouped_mmd(x, y, int(group_size), bandwidth, weight, float(eps)), reduction)
+    # Fused backends reduce themselves, and may compute dx up front for what `loss.backward()` sends.
+    return grouped_mmd(x, y, int(group_size), bandwidth, weight, float(eps), reduction=reduction)

@@ -423,6 +423,24 @@ def test_non_finite_input_gives_nan(backend, bad, where, device):
     assert torch.isfinite(dx[:3]).all() and torch.isnan(dx[3:]).any()
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_overflowing_distances_are_not_taken_for_non_finite_input(backend, device):
+    """Finite rows so far apart that fp32 S_ij overflows to Inf: k_ij = 0, the loss stays finite.
+
+    (The native forward sums the diagonal S_ii only when an off-diagonal S_ij is not finite;
+    here it must find every row finite, and agree with the float64 reference.)
+    """
+    x, y, bandwidth, weight = make_inputs(2, 2, 9, device=device)
+    x[2:] *= 1e19  # group 1: the squares of its differences overflow fp32
+    loss, grads = loss_and_grads(x, y, 2, bandwidth, weight, backend, reduction="none")
+    expected, expected_grads = loss_and_grads(x.double(), y.double(), 2, bandwidth, weight, "torch", reduction="none")
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads[:2], expected_grads[:2]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_row_offsets_beyond_int32(backend, device):
     """Rows 2^29 elements apart: element offsets pass 2^31, as when B*D > 2^31.

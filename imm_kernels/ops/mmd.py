@@ -13,12 +13,12 @@ per-group scalars are saved; the backward reads x and y once more.
 Gradients for bandwidth and weight follow from the saved scalars:
 dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
 
-A backend may also offer `forward_with_grad`: the forward plus (dx, dy) for an
-upstream gradient guessed in advance (1/G under reduction="mean", else 1),
-computed while each group is still in cache. Its backward returns those when the
-gradient that arrives is the guessed one (a loss's `.backward()`), and otherwise
-runs the ordinary backward: never a wrong gradient, only a wasted pass. Eager
-mode only; under torch.compile the plain op is used.
+A backend may also offer `forward_with_grad`: the forward plus (dx, dy) for the
+upstream gradient a loss's `.backward()` sends (1 into the reduced loss), computed
+while each group is still in cache. Its backward returns those when that is the
+gradient that arrives, and otherwise runs the ordinary backward: never a wrong
+gradient, only a wasted pass. It also applies the reduction itself, which saves
+an autograd node per call. Eager mode only; under torch.compile the plain op is used.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype
+from .reference import compute_dtype, reduce_groups
 
 
 class MMDKernels(NamedTuple):
@@ -147,44 +147,48 @@ mmd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _MMDWithGrad(torch.autograd.Function):
-    """mmd_forward whose forward also computes (dx, dy) for the upstream gradient expected_grad.
+    """mmd_forward, reduced, whose forward also computes (dx, dy) for an upstream gradient of 1.
 
     Eager mode only (grouped_mmd never takes it while compiling), so a plain autograd
     Function: it skips the custom-op dispatch, a large share of the call at small sizes.
     """
 
     @staticmethod
-    def forward(ctx, x, y, bandwidth, weight, group_size, eps, expected_grad, backend):
+    def forward(ctx, x, y, bandwidth, weight, group_size, eps, reduction, backend):
         need_dx, need_dy = ctx.needs_input_grad[:2]
+        num_groups = bandwidth.shape[0]
+        # What each group's loss receives when the reduced loss receives 1.
+        expected = 1.0 / num_groups if reduction == "mean" else 1.0
         loss, sqdist, mmd2, dmmd_db, dx, dy = _KERNELS[backend].forward_with_grad(
             as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps,
-            torch.full_like(bandwidth, expected_grad), need_dx, need_dy,
+            torch.full_like(bandwidth, expected), need_dx, need_dy,
         )
         dx, dy = (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
         ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
-        ctx.group_size, ctx.eps, ctx.expected_grad, ctx.backend = group_size, eps, expected_grad, backend
-        return loss
+        ctx.group_size, ctx.eps, ctx.reduction, ctx.backend = group_size, eps, reduction, backend
+        return reduce_groups(loss, reduction)
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_out):
         x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
-        if bool((grad_loss == ctx.expected_grad).all()):
+        num_groups = bandwidth.shape[0]
+        if ctx.reduction == "none":
+            grad_loss = grad_out
+        else:
+            grad_loss = grad_out.expand(num_groups) / (num_groups if ctx.reduction == "mean" else 1)
+        if bool((grad_out == 1).all()):
             grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
-        else:  # not the guessed gradient: compute dx and dy from x and y
+        else:  # not the precomputed upstream gradient: compute dx and dy from x and y
             grads = _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
         return (*grads, None, None, None, None)
 
 
 def grouped_mmd(
     x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float, *, backend: str,
-    expected_grad: float = 1.0,
+    reduction: str = "none",
 ) -> Tensor:
-    """weight_g * MMD^2_g per group through `backend`'s kernels (the reference's contract).
-
-    expected_grad: the upstream gradient each group's loss will most likely receive; a
-    backend with forward_with_grad computes the input gradients for it in the forward.
-    """
+    """weight_g * MMD^2_g per group through `backend`'s kernels, reduced as asked ("none": (G,))."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     if needs_grad and _KERNELS[backend].forward_with_grad is not None and not torch.compiler.is_compiling():
-        return _MMDWithGrad.apply(x, y, bandwidth, weight, group_size, float(eps), float(expected_grad), backend)
-    return mmd_forward(x, y, bandwidth, weight, group_size, float(eps), backend)[0]
+        return _MMDWithGrad.apply(x, y, bandwidth, weight, group_size, float(eps), reduction, backend)
+    return reduce_groups(mmd_forward(x, y, bandwidth, weight, group_size, float(eps), backend)[0], reduction)
