@@ -50,7 +50,7 @@ def _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend
         raise ValueError(f"y is on {y.device} but x is on {x.device}; they must be on one device")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}")
-    if x.dim() == 0 or x.shape[0] == 0 or x[0].numel() == 0:
+    if x.dim() == 0 or x.numel() == 0:  # (numel, not x[0]: no view op on every call)
         raise ValueError(f"x must be (B, *feature) with B >= 1 and at least one feature, got {tuple(x.shape)}")
     if not isinstance(group_size, Integral) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
