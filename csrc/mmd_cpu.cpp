@@ -30,7 +30,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace imm_kernels {
@@ -41,7 +43,7 @@ template <typename acc_t>
 constexpr int64_t kLanes = 32 / sizeof(acc_t);
 constexpr int64_t kTile = 4;  // rows per register tile; a group's 2M rows are padded to a multiple
 constexpr int64_t kHalfTile = 2;  // rows of a tile an off-diagonal pass takes at once
-constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L1 while its tiles reread it
+constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L2 while its tiles reread it
 constexpr int64_t kTargetTasks = 64;    // fewer groups than this split D (fixed, not the thread count)
 constexpr int64_t kMinSplitColumns = 4096;
 
@@ -62,6 +64,11 @@ struct Plan {
     num_splits = std::max<int64_t>(1, std::min(wanted, num_features / kMinSplitColumns));
     cols_per_split = round_up((num_features + num_splits - 1) / num_splits, block_cols);
     num_splits = (num_features + cols_per_split - 1) / cols_per_split;
+  }
+
+  // Columns [begin, end) of column split `split`.
+  std::pair<int64_t, int64_t> columns(int64_t split) const {
+    return {split * cols_per_split, std::min(num_features, (split + 1) * cols_per_split)};
   }
 };
 
@@ -432,10 +439,10 @@ void write_group_gradient(const GroupRows<scalar_t>& src, const Plan& plan, int6
     const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
     block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
                scratch.ptrs);
+    // fp32/fp64 whole vectors go straight to dz (streamed when large and 16-byte aligned);
+    // converted or ragged blocks go to scratch rows first, as do rows not asked for.
+    const bool direct = std::is_same_v<scalar_t, acc_t> && n == padded;
     for (int64_t i0 = dst.first_row / kTile * kTile; i0 < dst.last_row; i0 += kTile) {
-      // fp32/fp64 whole vectors go straight to dz (streamed when large and 16-byte aligned);
-      // converted or ragged blocks go to scratch rows first, as do rows not asked for.
-      const bool direct = std::is_same_v<scalar_t, acc_t> && n == padded;
       acc_t* out[kTile];
       bool streaming[kTile];
       for (int64_t t = 0; t < kTile; ++t) {
@@ -466,7 +473,7 @@ GradientRows<scalar_t> gradient_rows(at::Tensor& dx, at::Tensor& dy, bool need_d
 }
 
 // The forward. With `fused_grad` (unsplit plans only) each task also writes its group's dz for the
-// upstream gradient fused_grad[g * fused_grad_stride], right after S, while the group's rows are
+// upstream gradient (*fused_grad)[g], right after S, while the group's rows are
 // still in cache: the backward then has nothing left to read when that gradient arrives.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
@@ -497,8 +504,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     std::vector<acc_t> lanes(blocks * blocks * kTile * kTile * L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-      const int64_t col_begin = split * plan.cols_per_split;
-      const int64_t col_end = std::min(plan.num_features, col_begin + plan.cols_per_split);
+      const auto [col_begin, col_end] = plan.columns(split);
       std::fill(lanes.begin(), lanes.end(), acc_t(0));
       for (int64_t col = col_begin; col < col_end; col += pitch) {
         const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
@@ -581,9 +587,8 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
       group_terms(sqdist_ptr + group * rows * rows, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group],
                   eps_c, features, GroupLosses<acc_t>{}, grad_ptr[group * grad_stride], scratch.coeff.data(),
                   scratch.terms.data());
-      const int64_t col_begin = split * plan.cols_per_split;
-      write_group_gradient(src, plan, group, col_begin, std::min(plan.num_features, col_begin + plan.cols_per_split),
-                           dst, scratch);
+      const auto [col_begin, col_end] = plan.columns(split);
+      write_group_gradient(src, plan, group, col_begin, col_end, dst, scratch);
     }
     fence_streaming_stores();
   });
@@ -595,17 +600,35 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& ba
   check_mmd_inputs(x, y, bandwidth, weight, group_size, "native");
 }
 
+// The geometry of a call on (B, D) inputs, in bandwidth's (the compute) dtype.
+Plan plan_of(const at::Tensor& x, int64_t group_size, const at::Tensor& bandwidth) {
+  return Plan(x.size(0), group_size, x.size(1), bandwidth.dtype().itemsize());
+}
+
+// (loss_g, S, MMD^2_g, dMMD^2_g/db), empty, in the compute dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_outputs(const Plan& plan,
+                                                                           const at::Tensor& bandwidth) {
+  const auto options = bandwidth.options();
+  return {at::empty({plan.num_groups}, options), at::empty({plan.num_groups, plan.rows, plan.rows}, options),
+          at::empty({plan.num_groups}, options), at::empty({plan.num_groups}, options)};
+}
+
+// (dx, dy) like x and y, or an empty tensor where not asked for.
+std::pair<at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& x, const at::Tensor& y, bool need_dx,
+                                                   bool need_dy) {
+  return {need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+          need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options())};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
     int64_t group_size, double eps) {
   check_inputs(x, y, bandwidth, weight, group_size);
-  const auto options = bandwidth.options();
-  const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
-  at::Tensor loss = at::empty({plan.num_groups}, options), mmd2 = at::empty({plan.num_groups}, options);
-  at::Tensor dmmd_db = at::empty({plan.num_groups}, options);
-  at::Tensor sqdist = at::empty({plan.num_groups, plan.rows, plan.rows}, options);
+  const Plan plan = plan_of(x, group_size, bandwidth);
+  at::Tensor loss, sqdist, mmd2, dmmd_db;
+  std::tie(loss, sqdist, mmd2, dmmd_db) = forward_outputs(plan, bandwidth);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_forward_cpu", [&] {
     forward_kernel<scalar_t>(x, y, bandwidth, weight, plan, eps, loss, sqdist, mmd2, dmmd_db);
   });
@@ -617,11 +640,10 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
     const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
     bool need_dy) {
   check_inputs(x, y, bandwidth, weight, group_size);
-  const auto options = bandwidth.options();
-  const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
+  const Plan plan = plan_of(x, group_size, bandwidth);
   check_backward_inputs(grad_loss, sqdist, bandwidth, plan.num_groups, plan.rows, "native");
-  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  at::Tensor dx, dy;
+  std::tie(dx, dy) = gradient_outputs(x, y, need_dx, need_dy);
   if (need_dx || need_dy) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_backward_cpu", [&] {
       backward_kernel<scalar_t>(grad_loss, x, y, sqdist, bandwidth, weight, plan, eps,
@@ -635,19 +657,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
     int64_t group_size, double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy) {
   check_inputs(x, y, bandwidth, weight, group_size);
-  const auto options = bandwidth.options();
-  const Plan plan(x.size(0), group_size, x.size(1), options.dtype().itemsize());
+  const Plan plan = plan_of(x, group_size, bandwidth);
   if (plan.num_splits > 1) {  // S needs every split before A is known: no cache to exploit, two passes
     auto [loss, sqdist, mmd2, dmmd_db] = mmd_forward_cpu(x, y, bandwidth, weight, group_size, eps);
     auto [dx, dy] = mmd_backward_cpu(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy);
     return {loss, sqdist, mmd2, dmmd_db, dx, dy};
   }
   check_grad_loss(grad_loss, bandwidth, plan.num_groups, "native");
-  at::Tensor loss = at::empty({plan.num_groups}, options), mmd2 = at::empty({plan.num_groups}, options);
-  at::Tensor dmmd_db = at::empty({plan.num_groups}, options);
-  at::Tensor sqdist = at::empty({plan.num_groups, plan.rows, plan.rows}, options);
-  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  at::Tensor loss, sqdist, mmd2, dmmd_db, dx, dy;
+  std::tie(loss, sqdist, mmd2, dmmd_db) = forward_outputs(plan, bandwidth);
+  std::tie(dx, dy) = gradient_outputs(x, y, need_dx, need_dy);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmd_forward_with_grad_cpu", [&] {
     forward_kernel<scalar_t>(x, y, bandwidth, weight, plan, eps, loss, sqdist, mmd2, dmmd_db, &grad_loss,
                              gradient_rows<scalar_t>(dx, dy, need_dx, need_dy, group_size));
