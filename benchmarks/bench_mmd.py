@@ -224,6 +224,7 @@ def measure_rss_growth(spec: dict) -> dict:
     step = make_step(spec["provider"], case, mode, x, y, bandwidth)
     step()  # compilation and one-time initialisation are not the loss's memory
     gc.collect()
+    imm_kernels.empty_native_cache()  # else the native dx would reuse the warm-up's kept block
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
         baseline_kib = _proc_status_kib("VmRSS")

@@ -38,6 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
     int64_t group_size, double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy);
 
+// Gradients of 1 MiB or more come from blocks kept mapped between calls (at most 4 freed ones,
+// 1 GiB). Frees the kept blocks (those of live gradients go when the gradients do); -> bytes freed.
+int64_t release_cached_gradients_cpu();
+
 #ifdef IMM_KERNELS_WITH_CUDA
 constexpr int64_t kCudaMaxGroupSize = 8;
 

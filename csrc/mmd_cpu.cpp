@@ -25,11 +25,19 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
+
+#ifdef __linux__
+#include <sys/mman.h>  // madvise
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -613,14 +621,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_outputs(const
           at::empty({plan.num_groups}, options), at::empty({plan.num_groups}, options)};
 }
 
+// Memory for large gradients, kept mapped between calls. With malloc, a freed gradient of
+// many MiB often goes back to the kernel (glibc trims the heap's top, or munmaps it), and the
+// next call faults in and zeroes every 4 KiB page again: on a VM that costs more than the
+// kernel itself. Freed blocks wait here (at most 4 blocks and 1 GiB, most recent first) for a
+// call of the same size; new blocks are 2 MiB aligned and asked to be huge pages (fewer
+// faults, fewer TLB misses).
+class GradientBlocks {
+ public:
+  static constexpr int64_t kMinBytes = int64_t(1) << 20;  // smaller ones stay in malloc's arenas
+  static constexpr size_t kAlign = size_t(2) << 20;
+  static constexpr size_t kMaxFree = 4;  // blocks kept, and their bytes at most:
+  static constexpr size_t kMaxFreeBytes = size_t(1) << 30;
+
+  static GradientBlocks& instance() {
+    static GradientBlocks* blocks = new GradientBlocks;  // never destroyed: tensors may outlive exit
+    return *blocks;
+  }
+
+  at::Tensor empty_like(const at::Tensor& t) {
+    const auto bytes = static_cast<size_t>(round_up(t.numel() * t.element_size(), int64_t(kAlign)));
+    void* block = take(bytes);
+    return at::from_blob(block, t.sizes(), [this, bytes](void* p) { give(p, bytes); },
+                         t.options().memory_format(c10::MemoryFormat::Contiguous));
+  }
+
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t released = free_bytes_;
+    for (const auto& [bytes, block] : free_) std::free(block);
+    free_.clear();
+    free_bytes_ = 0;
+    return released;
+  }
+
+ private:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->first == bytes) {
+          void* block = it->second;
+          free_bytes_ -= bytes;
+          free_.erase(it);
+          return block;
+        }
+      }
+    }
+    void* block = std::aligned_alloc(kAlign, bytes);
+    if (block == nullptr) throw std::bad_alloc();
+#ifdef __linux__
+    madvise(block, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages, 4 KiB pages
+#endif
+    return block;
+  }
+
+  void give(void* block, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.insert(free_.begin(), {bytes, block});
+    free_bytes_ += bytes;
+    while (free_.size() > kMaxFree || free_bytes_ > kMaxFreeBytes) {
+      std::free(free_.back().second);
+      free_bytes_ -= free_.back().first;
+      free_.pop_back();
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<size_t, void*>> free_;  // (bytes, block), most recently freed first
+  size_t free_bytes_ = 0;
+};
+
+at::Tensor gradient_like(const at::Tensor& t) {
+  const bool large = t.numel() * t.element_size() >= GradientBlocks::kMinBytes;
+  return large ? GradientBlocks::instance().empty_like(t) : at::empty(t.sizes(), t.options());
+}
+
 // (dx, dy) like x and y, or an empty tensor where not asked for.
 std::pair<at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& x, const at::Tensor& y, bool need_dx,
                                                    bool need_dy) {
-  return {need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
-          need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options())};
+  return {need_dx ? gradient_like(x) : at::empty({0}, x.options()),
+          need_dy ? gradient_like(y) : at::empty({0}, y.options())};
 }
 
 }  // namespace
+
+int64_t release_cached_gradients_cpu() { return static_cast<int64_t>(GradientBlocks::instance().release()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,

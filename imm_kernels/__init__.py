@@ -4,7 +4,7 @@ Set TRITON_INTERPRET=1 before importing to run the Triton kernels on the CPU.
 """
 
 from . import sampling, schedules
-from .backends import BackendUnavailableError, backends
+from .backends import BackendUnavailableError, backends, empty_native_cache
 from .functional import mmd_loss
 from .loss import IMMLoss
 from .ops.adaln import adaln_modulate, adaln_residual_modulate
@@ -13,4 +13,4 @@ from .precond import Preconditioner
 
 __version__ = "0.1.0"
 
-__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "__version__", "schedules", "Preconditioner", "IMMLoss", "adaln_modulate", "adaln_residual_modulate", "timestep_embedding", "sampling"]
+__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "empty_native_cache", "__version__", "schedules", "Preconditioner", "IMMLoss", "adaln_modulate", "adaln_residual_modulate", "timestep_embedding", "sampling"]

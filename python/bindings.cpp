@@ -24,6 +24,8 @@ PYBIND11_MODULE(_C, m) {
         "(loss_g, S, MMD^2_g, dMMD^2_g/db, dx, dy) on the CPU: the forward and the gradient for a given grad_loss",
         py::arg("x"), py::arg("y"), py::arg("bandwidth"), py::arg("weight"), py::arg("group_size"), py::arg("eps"),
         py::arg("grad_loss"), py::arg("need_dx"), py::arg("need_dy"));
+  m.def("release_cached_gradients_cpu", &imm_kernels::release_cached_gradients_cpu,
+        "frees the blocks kept for large CPU gradients; -> bytes freed");
 #ifdef IMM_KERNELS_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_max_group_size") = imm_kernels::kCudaMaxGroupSize;

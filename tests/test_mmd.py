@@ -514,6 +514,35 @@ def test_native_forward_with_grad_equals_forward_then_backward(dtype, group_size
 
 
 @needs_native
+def test_native_large_gradients_reuse_freed_memory_and_never_live_memory():
+    """Gradients of 1 MiB or more come from kept blocks: a freed dx's memory serves the next call
+    of its size (no fresh pages to fault in), and a dx still alive is never overwritten."""
+    x, y, bandwidth, weight = make_inputs(4, 16, 4096)  # dx: 64 x 4096 fp32 = 1 MiB
+    x.requires_grad_(True)
+
+    def dx_of(inputs):
+        (dx,) = torch.autograd.grad(mmd_loss(inputs, y, 4, bandwidth, weight, backend="native"), inputs)
+        return dx
+
+    kept = dx_of(x)
+    kept_copy = kept.clone()
+    other = dx_of((x + 1).detach().requires_grad_(True))
+    assert other.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, kept_copy)
+    freed_at = other.data_ptr()
+    del other
+    again = dx_of(x)
+    assert again.data_ptr() == freed_at
+    torch.testing.assert_close(again, kept, rtol=0, atol=0)
+    torch.testing.assert_close(again, dx_of(x.detach().clone().requires_grad_(True)), rtol=0, atol=0)
+    again.mul_(2)  # an ordinary tensor: in-place updates and accumulation work
+    torch.testing.assert_close(again, 2 * kept_copy, rtol=0, atol=0)
+    del kept, again
+    assert imm_kernels.empty_native_cache() >= 2 * 2**20
+    assert imm_kernels.empty_native_cache() == 0
+
+
+@needs_native
 def test_native_backward_uses_the_precomputed_gradient_only_when_it_applies(monkeypatch):
     """`.backward()` of the mean takes dx from the forward; any other upstream gradient recomputes it."""
     from imm_kernels.ops import mmd as mmd_op

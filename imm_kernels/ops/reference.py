@@ -39,6 +39,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def as_per_group(value, num_groups: int, dtype: torch.dtype, device) -> Tensor:
     """A float or a 0-dim / (G,) tensor as a (G,) tensor of `dtype`, keeping autograd."""
     if isinstance(value, Tensor):
+        if value.dtype == dtype and value.shape == (num_groups,) and value.device == device:
+            return value  # already so: skip two dispatches, a visible share of a small call
         return value.to(device=device, dtype=dtype).expand(num_groups)
     return torch.full((num_groups,), float(value), dtype=dtype, device=device)
 
