@@ -51,6 +51,7 @@ template <typename acc_t>
 constexpr int64_t kLanes = 32 / sizeof(acc_t);
 constexpr int64_t kTile = 4;  // rows per register tile; a group's 2M rows are padded to a multiple
 constexpr int64_t kHalfTile = 2;  // rows of a tile an off-diagonal pass takes at once
+constexpr int64_t kPairRows = 2;  // gradient rows made at once
 constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L2 while its tiles reread it
 constexpr int64_t kTargetTasks = 64;    // fewer groups than this split D (fixed, not the thread count)
 constexpr int64_t kMinSplitColumns = 4096;
@@ -265,12 +266,12 @@ IMM_VECTOR_CLONES void add_half_tile_sqdist_vec(const double* const* rows_i, con
   add_half_tile_sqdist(rows_i, rows_j, padded, lanes);
 }
 
-// Stores v at p; with `streaming`, as SSE2 non-temporal stores (every clone has them; p 16-byte
+// Stores v at p; with kStream, as SSE2 non-temporal stores (every clone has them; p 16-byte
 // aligned), which do not read the line first and leave the cache to the rows still in use.
-template <typename V, typename T>
-IMM_INLINE void write_vector(T* p, V v, bool streaming) {
+template <bool kStream, typename V, typename T>
+IMM_INLINE void write_vector(T* p, V v) {
 #if defined(__x86_64__)
-  if (streaming) {
+  if constexpr (kStream) {
     IMM_UNROLL for (size_t half = 0; half < sizeof(V) / 16; ++half) {
       if constexpr (std::is_same_v<T, float>) {
         __m128 part;
@@ -288,20 +289,22 @@ IMM_INLINE void write_vector(T* p, V v, bool streaming) {
   store_vector(p, v);
 }
 
-// out[t][c] = sum_j coeff[t][j] (z_(i0+t),c - z_j,c) for 4 rows t at once, j = 0..rows-1 in order:
-// direct differences, exact when rows converge. coeff has row pitch `rows`. Two column vectors
-// per step give 8 independent sums, enough to hide the FMA latency of the j chain. Results go
-// straight to the 4 rows `out` as they are made, so the stores stream out during the arithmetic.
-template <typename acc_t>
-IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* z, int64_t i0, int64_t rows,
-                                        int64_t padded, acc_t* const* out, const bool* streaming) {
+// out[t][c] = sum_j coeff[i0 + t][j] (z_(i0+t),c - z_j,c) for the 2 rows t of a row pair, j = 0..rows-1
+// in order: direct differences, exact when rows converge. coeff has row pitch `rows`. Two rows by
+// two column vectors keep their 4 z_i and 4 sums in registers next to z_j and A_ij (a 4-row
+// tile spilled 3 of its z_i and reloaded them at every j: measured 5% slower). Results go
+// straight to `out` as they are made, as streaming stores when kStream.
+template <typename acc_t, bool kStream>
+IMM_INLINE void apply_pair_coefficients(const acc_t* coeff, const acc_t* const* z, int64_t i0, int64_t rows,
+                                        int64_t padded, acc_t* const* out) {
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   constexpr int64_t kCols = 2;
+  const acc_t* coeff_rows[kPairRows] = {coeff + i0 * rows, coeff + (i0 + 1) * rows};
   int64_t c = 0;
   for (; c + kCols * L <= padded; c += kCols * L) {
-    V zi[kTile][kCols], sums[kTile][kCols];
-    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+    V zi[kPairRows][kCols], sums[kPairRows][kCols];
+    IMM_UNROLL for (int64_t t = 0; t < kPairRows; ++t) {
       IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) {
         zi[t][u] = load_vector<V>(z[i0 + t] + c + u * L);
         sums[t][u] = V{};
@@ -310,37 +313,38 @@ IMM_INLINE void apply_tile_coefficients(const acc_t* coeff, const acc_t* const* 
     for (int64_t j = 0; j < rows; ++j) {
       V zj[kCols];
       IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) zj[u] = load_vector<V>(z[j] + c + u * L);
-      IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
-        IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) sums[t][u] += coeff[(i0 + t) * rows + j] * (zi[t][u] - zj[u]);
+      IMM_UNROLL for (int64_t t = 0; t < kPairRows; ++t) {
+        IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) sums[t][u] += coeff_rows[t][j] * (zi[t][u] - zj[u]);
       }
     }
-    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
-      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) write_vector(out[t] + c + u * L, sums[t][u], streaming[t]);
+    IMM_UNROLL for (int64_t t = 0; t < kPairRows; ++t) {
+      IMM_UNROLL for (int64_t u = 0; u < kCols; ++u) write_vector<kStream>(out[t] + c + u * L, sums[t][u]);
     }
   }
   for (; c < padded; c += L) {  // the odd last vector
-    V zi[kTile], sums[kTile];
-    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) {
+    V zi[kPairRows], sums[kPairRows];
+    IMM_UNROLL for (int64_t t = 0; t < kPairRows; ++t) {
       zi[t] = load_vector<V>(z[i0 + t] + c);
       sums[t] = V{};
     }
     for (int64_t j = 0; j < rows; ++j) {
       const V zj = load_vector<V>(z[j] + c);
-      IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) sums[t] += coeff[(i0 + t) * rows + j] * (zi[t] - zj);
+      IMM_UNROLL for (int64_t t = 0; t < kPairRows; ++t) sums[t] += coeff_rows[t][j] * (zi[t] - zj);
     }
-    IMM_UNROLL for (int64_t t = 0; t < kTile; ++t) write_vector(out[t] + c, sums[t], streaming[t]);
+    IMM_UNROLL for (int64_t t = 0; t < kPairRows; ++t) write_vector<kStream>(out[t] + c, sums[t]);
   }
 }
 
-IMM_VECTOR_CLONES void apply_tile_coefficients_vec(const float* coeff, const float* const* z, int64_t i0,
-                                                   int64_t rows, int64_t padded, float* const* out,
-                                                   const bool* streaming) {
-  apply_tile_coefficients(coeff, z, i0, rows, padded, out, streaming);
+IMM_VECTOR_CLONES void apply_pair_coefficients_vec(const float* coeff, const float* const* z, int64_t i0,
+                                                   int64_t rows, int64_t padded, float* const* out, bool streaming) {
+  streaming ? apply_pair_coefficients<float, true>(coeff, z, i0, rows, padded, out)
+            : apply_pair_coefficients<float, false>(coeff, z, i0, rows, padded, out);
 }
-IMM_VECTOR_CLONES void apply_tile_coefficients_vec(const double* coeff, const double* const* z, int64_t i0,
+IMM_VECTOR_CLONES void apply_pair_coefficients_vec(const double* coeff, const double* const* z, int64_t i0,
                                                    int64_t rows, int64_t padded, double* const* out,
-                                                   const bool* streaming) {
-  apply_tile_coefficients(coeff, z, i0, rows, padded, out, streaming);
+                                                   bool streaming) {
+  streaming ? apply_pair_coefficients<double, true>(coeff, z, i0, rows, padded, out)
+            : apply_pair_coefficients<double, false>(coeff, z, i0, rows, padded, out);
 }
 #pragma GCC pop_options
 
@@ -411,14 +415,14 @@ void group_terms(const acc_t* sq, int64_t group, int64_t group_size, acc_t bandw
   }
 }
 
-// Per-thread scratch of one task: converted/padded blocks, row pointers, 4 output rows, A.
+// Per-thread scratch of one task: converted/padded blocks, row pointers, 2 output rows, A.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> buf, zeros, out, coeff, terms;
   std::vector<const acc_t*> ptrs;
 
   explicit Scratch(const Plan& plan)
-      : buf(plan.padded_rows * plan.block_cols), zeros(plan.block_cols, acc_t(0)), out(kTile * plan.block_cols),
+      : buf(plan.padded_rows * plan.block_cols), zeros(plan.block_cols, acc_t(0)), out(kPairRows * plan.block_cols),
         coeff(plan.padded_rows * plan.rows, acc_t(0)),  // padding rows: zero coefficients
         terms(2 * plan.rows * plan.rows), ptrs(plan.padded_rows) {}
 };
@@ -450,21 +454,22 @@ void write_group_gradient(const GroupRows<scalar_t>& src, const Plan& plan, int6
     // fp32/fp64 whole vectors go straight to dz (streamed when large and 16-byte aligned);
     // converted or ragged blocks go to scratch rows first, as do rows not asked for.
     const bool direct = std::is_same_v<scalar_t, acc_t> && n == padded;
-    for (int64_t i0 = dst.first_row / kTile * kTile; i0 < dst.last_row; i0 += kTile) {
-      acc_t* out[kTile];
-      bool streaming[kTile];
-      for (int64_t t = 0; t < kTile; ++t) {
+    for (int64_t i0 = dst.first_row / kPairRows * kPairRows; i0 < dst.last_row; i0 += kPairRows) {
+      acc_t* out[kPairRows];
+      bool streaming = dst.streaming;
+      for (int64_t t = 0; t < kPairRows; ++t) {
         const int64_t i = i0 + t;
         out[t] = scratch.out.data() + t * pitch;
-        streaming[t] = false;
         if (direct && i >= dst.first_row && i < dst.last_row) {
           out[t] = reinterpret_cast<acc_t*>(dst.row(group, i, plan) + col);
-          streaming[t] = dst.streaming && reinterpret_cast<std::uintptr_t>(out[t]) % 16 == 0;
+          streaming = streaming && reinterpret_cast<std::uintptr_t>(out[t]) % 16 == 0;
+        } else {
+          streaming = false;  // (a scratch row is reread at once)
         }
       }
-      apply_tile_coefficients_vec(scratch.coeff.data(), scratch.ptrs.data(), i0, rows, padded, out, streaming);
+      apply_pair_coefficients_vec(scratch.coeff.data(), scratch.ptrs.data(), i0, rows, padded, out, streaming);
       if (!direct) {
-        for (int64_t i = std::max(i0, dst.first_row); i < std::min(i0 + kTile, dst.last_row); ++i) {
+        for (int64_t i = std::max(i0, dst.first_row); i < std::min(i0 + kPairRows, dst.last_row); ++i) {
           store_row(dst.row(group, i, plan) + col, scratch.out.data() + (i - i0) * pitch, n, dst.streaming);
         }
       }
