@@ -33,6 +33,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -415,16 +416,19 @@ void group_terms(const acc_t* sq, int64_t group, int64_t group_size, acc_t bandw
   }
 }
 
-// Per-thread scratch of one task: converted/padded blocks, row pointers, 2 output rows, A.
+// Per-thread scratch: converted/padded blocks, row pointers, 2 output rows, A, the forward's lane sums.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> buf, zeros, out, coeff, terms;
+  std::vector<acc_t> lanes;  // tile (bi, bj)'s, bi <= bj, at (bi * blocks + bj) * kTile^2 * L
   std::vector<const acc_t*> ptrs;
 
   explicit Scratch(const Plan& plan)
       : buf(plan.padded_rows * plan.block_cols), zeros(plan.block_cols, acc_t(0)), out(kPairRows * plan.block_cols),
         coeff(plan.padded_rows * plan.rows, acc_t(0)),  // padding rows: zero coefficients
-        terms(2 * plan.rows * plan.rows), ptrs(plan.padded_rows) {}
+        terms(2 * plan.rows * plan.rows),
+        lanes((plan.padded_rows / kTile) * (plan.padded_rows / kTile) * kTile * kTile * kLanes<acc_t>),
+        ptrs(plan.padded_rows) {}
 };
 
 // Where dz goes: dx and/or dy rows of the group (rows [first_row, last_row) of z).
@@ -485,6 +489,25 @@ GradientRows<scalar_t> gradient_rows(at::Tensor& dx, at::Tensor& dy, bool need_d
           need_dx ? 0 : group_size, need_dy ? 2 * group_size : group_size, bytes >= kStreamingBytes};
 }
 
+// Runs body(task, state) for tasks [0, num_tasks) on the intra-op threads, each thread with its
+// own state = make_state(). Tasks are handed out a small chunk at a time as threads free up,
+// not split evenly in advance: a thread the host slows down (say, a busy sibling of a shared VM
+// core) then takes fewer instead of holding up the call. A task's result never depends on the
+// thread that runs it.
+template <typename MakeState, typename Body>
+void run_tasks(int64_t num_tasks, const MakeState& make_state, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, num_tasks / (threads * 16));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, (num_tasks + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t begin; (begin = next.fetch_add(chunk, std::memory_order_relaxed)) < num_tasks;) {
+      for (int64_t task = begin; task < std::min(num_tasks, begin + chunk); ++task) body(task, state);
+    }
+    fence_streaming_stores();
+  });
+}
+
 // The forward. With `fused_grad` (unsplit plans only) each task also writes its group's dz for the
 // upstream gradient (*fused_grad)[g], right after S, while the group's rows are
 // still in cache: the backward then has nothing left to read when that gradient arrives.
@@ -511,53 +534,49 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
 
   constexpr int64_t L = kLanes<acc_t>;
   const int64_t blocks = plan.padded_rows / kTile, pitch = plan.block_cols;
-  at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch(plan);
-    // Lane sums of tile (bi, bj), bi <= bj, at (bi * blocks + bj) * kTile^2 * L.
-    std::vector<acc_t> lanes(blocks * blocks * kTile * kTile * L);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-      const auto [col_begin, col_end] = plan.columns(split);
-      std::fill(lanes.begin(), lanes.end(), acc_t(0));
-      for (int64_t col = col_begin; col < col_end; col += pitch) {
-        const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-        block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
-                   scratch.ptrs);
-        for (int64_t bi = 0; bi < blocks; ++bi) {
-          add_diagonal_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, padded,
-                                       lanes.data() + (bi * blocks + bi) * kTile * kTile * L);
-          for (int64_t bj = bi + 1; bj < blocks; ++bj) {
-            for (int64_t half = 0; half < kTile; half += kHalfTile) {
-              add_half_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile + half, scratch.ptrs.data() + bj * kTile,
-                                       padded, lanes.data() + ((bi * blocks + bj) * kTile + half) * kTile * L);
-            }
+  const auto make_scratch = [&] { return Scratch<acc_t>(plan); };
+  run_tasks(plan.num_groups * plan.num_splits, make_scratch, [&](int64_t task, Scratch<acc_t>& scratch) {
+    std::vector<acc_t>& lanes = scratch.lanes;
+    const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
+    const auto [col_begin, col_end] = plan.columns(split);
+    std::fill(lanes.begin(), lanes.end(), acc_t(0));
+    for (int64_t col = col_begin; col < col_end; col += pitch) {
+      const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
+      block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
+                 scratch.ptrs);
+      for (int64_t bi = 0; bi < blocks; ++bi) {
+        add_diagonal_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, padded,
+                                     lanes.data() + (bi * blocks + bi) * kTile * kTile * L);
+        for (int64_t bj = bi + 1; bj < blocks; ++bj) {
+          for (int64_t half = 0; half < kTile; half += kHalfTile) {
+            add_half_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile + half, scratch.ptrs.data() + bj * kTile,
+                                     padded, lanes.data() + ((bi * blocks + bj) * kTile + half) * kTile * L);
           }
         }
       }
-      acc_t* sq = partial_ptr + task * tile;
-      bool all_finite = true;
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = i + 1; j < rows; ++j) {
-          const int64_t tile_index = (i / kTile) * blocks + j / kTile;
-          const int64_t pair = (i % kTile) * kTile + j % kTile;
-          const acc_t s = sum_lanes(lanes.data() + (tile_index * kTile * kTile + pair) * L);
-          sq[i * rows + j] = sq[j * rows + i] = s;
-          all_finite = all_finite && std::isfinite(s);
-        }
-      }
-      // S_ii is 0 for a finite row and NaN for a row holding Inf or NaN (whose loss must be NaN).
-      // Such a row also makes its S_ij (j != i) Inf or NaN, so all-finite pairs mean all S_ii = 0.
-      for (int64_t i = 0; i < rows; ++i) {
-        sq[i * rows + i] = all_finite ? acc_t(0) : self_sqdist<acc_t>(src, group, i, col_begin, col_end);
-      }
-      if (fused_grad != nullptr) {
-        const acc_t grad = fused_grad->data_ptr<acc_t>()[group * fused_grad->stride(0)];
-        group_terms(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features, losses,
-                    grad, scratch.coeff.data(), scratch.terms.data());
-        write_group_gradient(src, plan, group, col_begin, col_end, fused_dst, scratch);
+    }
+    acc_t* sq = partial_ptr + task * tile;
+    bool all_finite = true;
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = i + 1; j < rows; ++j) {
+        const int64_t tile_index = (i / kTile) * blocks + j / kTile;
+        const int64_t pair = (i % kTile) * kTile + j % kTile;
+        const acc_t s = sum_lanes(lanes.data() + (tile_index * kTile * kTile + pair) * L);
+        sq[i * rows + j] = sq[j * rows + i] = s;
+        all_finite = all_finite && std::isfinite(s);
       }
     }
-    fence_streaming_stores();
+    // S_ii is 0 for a finite row and NaN for a row holding Inf or NaN (whose loss must be NaN).
+    // Such a row also makes its S_ij (j != i) Inf or NaN, so all-finite pairs mean all S_ii = 0.
+    for (int64_t i = 0; i < rows; ++i) {
+      sq[i * rows + i] = all_finite ? acc_t(0) : self_sqdist<acc_t>(src, group, i, col_begin, col_end);
+    }
+    if (fused_grad != nullptr) {
+      const acc_t grad = fused_grad->data_ptr<acc_t>()[group * fused_grad->stride(0)];
+      group_terms(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features, losses,
+                  grad, scratch.coeff.data(), scratch.terms.data());
+      write_group_gradient(src, plan, group, col_begin, col_end, fused_dst, scratch);
+    }
   });
   if (fused_grad != nullptr) return;
 
@@ -593,17 +612,14 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
   const acc_t* weight_ptr = weight.data_ptr<acc_t>();
   const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
 
-  at::parallel_for(0, plan.num_groups * plan.num_splits, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch(plan);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-      group_terms(sqdist_ptr + group * rows * rows, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group],
-                  eps_c, features, GroupLosses<acc_t>{}, grad_ptr[group * grad_stride], scratch.coeff.data(),
-                  scratch.terms.data());
-      const auto [col_begin, col_end] = plan.columns(split);
-      write_group_gradient(src, plan, group, col_begin, col_end, dst, scratch);
-    }
-    fence_streaming_stores();
+  const auto make_scratch = [&] { return Scratch<acc_t>(plan); };
+  run_tasks(plan.num_groups * plan.num_splits, make_scratch, [&](int64_t task, Scratch<acc_t>& scratch) {
+    const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
+    group_terms(sqdist_ptr + group * rows * rows, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group],
+                eps_c, features, GroupLosses<acc_t>{}, grad_ptr[group * grad_stride], scratch.coeff.data(),
+                scratch.terms.data());
+    const auto [col_begin, col_end] = plan.columns(split);
+    write_group_gradient(src, plan, group, col_begin, col_end, dst, scratch);
   });
 }
 
