@@ -489,20 +489,28 @@ GradientRows<scalar_t> gradient_rows(at::Tensor& dx, at::Tensor& dy, bool need_d
           need_dx ? 0 : group_size, need_dy ? 2 * group_size : group_size, bytes >= kStreamingBytes};
 }
 
-// Runs body(task, state) for tasks [0, num_tasks) on the intra-op threads, each thread with its
-// own state = make_state(). Tasks are handed out a small chunk at a time as threads free up,
-// not split evenly in advance: a thread the host slows down (say, a busy sibling of a shared VM
-// core) then takes fewer instead of holding up the call. A task's result never depends on the
+// One task: columns [col_begin, col_end) of one group; index = group * num_splits + split.
+struct Task {
+  int64_t index, group, col_begin, col_end;
+};
+
+// Runs body(task, scratch) for every (group, column split) of the plan on the intra-op threads,
+// each thread with its own scratch. Tasks are handed out a small chunk at a time as threads free
+// up, not split evenly in advance: a thread the host slows down (say, a busy sibling of a shared
+// VM core) then takes fewer instead of holding up the call. A task's result never depends on the
 // thread that runs it.
-template <typename MakeState, typename Body>
-void run_tasks(int64_t num_tasks, const MakeState& make_state, const Body& body) {
-  const int64_t threads = at::get_num_threads();
+template <typename acc_t, typename Body>
+void run_tasks(const Plan& plan, const Body& body) {
+  const int64_t num_tasks = plan.num_groups * plan.num_splits, threads = at::get_num_threads();
   const int64_t chunk = std::max<int64_t>(1, num_tasks / (threads * 16));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, (num_tasks + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {
-    auto state = make_state();
+    Scratch<acc_t> scratch(plan);
     for (int64_t begin; (begin = next.fetch_add(chunk, std::memory_order_relaxed)) < num_tasks;) {
-      for (int64_t task = begin; task < std::min(num_tasks, begin + chunk); ++task) body(task, state);
+      for (int64_t index = begin; index < std::min(num_tasks, begin + chunk); ++index) {
+        const auto [col_begin, col_end] = plan.columns(index % plan.num_splits);
+        body(Task{index, index / plan.num_splits, col_begin, col_end}, scratch);
+      }
     }
     fence_streaming_stores();
   });
@@ -534,11 +542,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
 
   constexpr int64_t L = kLanes<acc_t>;
   const int64_t blocks = plan.padded_rows / kTile, pitch = plan.block_cols;
-  const auto make_scratch = [&] { return Scratch<acc_t>(plan); };
-  run_tasks(plan.num_groups * plan.num_splits, make_scratch, [&](int64_t task, Scratch<acc_t>& scratch) {
+  run_tasks<acc_t>(plan, [&](const Task& task, Scratch<acc_t>& scratch) {
+    const int64_t group = task.group, col_begin = task.col_begin, col_end = task.col_end;
     std::vector<acc_t>& lanes = scratch.lanes;
-    const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
-    const auto [col_begin, col_end] = plan.columns(split);
     std::fill(lanes.begin(), lanes.end(), acc_t(0));
     for (int64_t col = col_begin; col < col_end; col += pitch) {
       const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
@@ -555,7 +561,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
         }
       }
     }
-    acc_t* sq = partial_ptr + task * tile;
+    acc_t* sq = partial_ptr + task.index * tile;
     bool all_finite = true;
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = i + 1; j < rows; ++j) {
@@ -612,14 +618,12 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& x, const at:
   const acc_t* weight_ptr = weight.data_ptr<acc_t>();
   const acc_t eps_c = static_cast<acc_t>(eps), features = static_cast<acc_t>(plan.num_features);
 
-  const auto make_scratch = [&] { return Scratch<acc_t>(plan); };
-  run_tasks(plan.num_groups * plan.num_splits, make_scratch, [&](int64_t task, Scratch<acc_t>& scratch) {
-    const int64_t group = task / plan.num_splits, split = task % plan.num_splits;
+  run_tasks<acc_t>(plan, [&](const Task& task, Scratch<acc_t>& scratch) {
+    const int64_t group = task.group;
     group_terms(sqdist_ptr + group * rows * rows, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group],
                 eps_c, features, GroupLosses<acc_t>{}, grad_ptr[group * grad_stride], scratch.coeff.data(),
                 scratch.terms.data());
-    const auto [col_begin, col_end] = plan.columns(split);
-    write_group_gradient(src, plan, group, col_begin, col_end, dst, scratch);
+    write_group_gradient(src, plan, group, task.col_begin, task.col_end, dst, scratch);
   });
 }
 
@@ -663,8 +667,7 @@ class GradientBlocks {
   at::Tensor empty_like(const at::Tensor& t) {
     const auto bytes = static_cast<size_t>(round_up(t.numel() * t.element_size(), int64_t(kAlign)));
     void* block = take(bytes);
-    return at::from_blob(block, t.sizes(), [this, bytes](void* p) { give(p, bytes); },
-                         t.options().memory_format(c10::MemoryFormat::Contiguous));
+    return at::from_blob(block, t.sizes(), [this, bytes](void* p) { give(p, bytes); }, t.options());
   }
 
   size_t release() {

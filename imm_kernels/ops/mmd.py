@@ -171,15 +171,15 @@ class _MMDWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
-        # A reduced loss's gradient is one number: one op tests it where the (G,) test takes three.
-        precomputed = bool((grad_out == 1).all()) if ctx.reduction == "none" else grad_out.item() == 1
         if ctx.reduction == "none":
-            grad_loss = grad_out
-        elif not precomputed or any(ctx.needs_input_grad[2:4]):  # (else unused: skip two ops)
-            num_groups = bandwidth.shape[0]
-            grad_loss = grad_out.expand(num_groups) / (num_groups if ctx.reduction == "mean" else 1)
+            grad_loss, precomputed = grad_out, bool((grad_out == 1).all())
         else:
-            grad_loss = None
+            # A reduced loss's gradient is one number: one op tests it where the (G,) test takes three.
+            precomputed = grad_out.item() == 1
+            grad_loss = None  # unused unless recomputing or asked for the bandwidth/weight gradients
+            if not precomputed or any(ctx.needs_input_grad[2:4]):
+                num_groups = bandwidth.shape[0]
+                grad_loss = grad_out.expand(num_groups) / (num_groups if ctx.reduction == "mean" else 1)
         if precomputed:
             grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
         else:  # not the precomputed upstream gradient: compute dx and dy from x and y
