@@ -867,3 +867,18 @@ def test_cuda_kernels_compile_for_sm90():
     for row in rows:
         if row["dtype"] == "float":
             assert row["spill_bytes"] == 0, row
+
+
+@needs_native
+def test_interleaved_cpu_benchmark_runs():
+    """benchmarks/mmd_cpu_interleaved.py, which BENCHMARKS.md cites, runs and checks native against compiled."""
+    import pathlib
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "mmd_cpu_interleaved.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--rounds", "4", "--shape", "16,4,64"], capture_output=True, text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "16x4x64 float32 forward+backward" in run.stdout
+    assert "compiled / native, per round: median" in run.stdout
