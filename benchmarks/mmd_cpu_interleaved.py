@@ -57,7 +57,9 @@ def main() -> None:
         )[4],
         "compiled": bench_mmd.make_step("compiled", case, "forward+backward", x, y, bandwidth),
     }
-    torch.testing.assert_close(steps["native"](), steps["compiled"](), rtol=1e-4, atol=1e-6)
+    # dx is tiny at large B*D (about 4e-8 at the default shape): the tolerance scales with it.
+    expected = steps["compiled"]()
+    torch.testing.assert_close(steps["native"](), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     for step in steps.values():  # compilation, and the native backend's kept gradient block
         step()
         step()
