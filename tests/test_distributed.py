@@ -1,4 +1,5 @@
-"""DDP: two gloo processes on the CPU against the same two ranks computed serially in one process."""
+"""DDP: two gloo processes on the CPU against the same two ranks computed serially in one process;
+which GPU a rank takes, and the process group's backend, when ranks outnumber the GPUs."""
 
 import socket
 import subprocess
@@ -9,12 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from imm_kernels.train import trainer as trainer_module
 from imm_kernels.train.trainer import CHECKPOINT_DIR, ProcessInfo, TrainConfig, Trainer
 
 WORLD_SIZE = 2
 STEP = 3  # any step: the data slice and the draws are functions of (seed, rank, step)
+# On the CPU also where a GPU exists: the serial ranks must repeat the DDP ranks' kernels exactly.
 CONFIG = TrainConfig(data="digits", batch=32, group_size=4, width=16, depth=1, dropout=0.1, conditional=True,
-                     label_dropout=0.2, seed=5)
+                     label_dropout=0.2, seed=5, device="cpu")
 
 
 def _free_port() -> int:
@@ -86,10 +89,74 @@ def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
         "-m", "imm_kernels", "train", "--data", "toy2d", "--steps", "4", "--batch", "32", "--width", "16",
-        "--depth", "1", "--out", str(out),
+        "--depth", "1", "--device", "cpu", "--out", str(out),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es) on cpu" in result.stdout
     assert (out / CHECKPOINT_DIR / "model.safetensors").is_file()
     assert (out / "samples" / "step_000004.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_torchrun_two_cuda_processes_train_also_on_one_gpu(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        "-m", "imm_kernels", "train", "--data", "toy2d", "--steps", "4", "--batch", "32", "--width", "16",
+        "--depth", "1", "--device", "cuda", "--out", str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cuda:0" in result.stdout
+    if torch.cuda.device_count() == 1:
+        assert "2 ranks share 1 GPU(s) on this node" in result.stderr
+    assert (out / CHECKPOINT_DIR / "model.safetensors").is_file()
+
+
+# Ranks and GPUs, checked on any machine by faking the GPU count.
+
+
+class _DeviceChosen(Exception):
+    """Stops a Trainer at torch.cuda.set_device, before it moves anything to the (fake) GPU."""
+
+
+@pytest.mark.parametrize("gpus, local_rank, expected", [(1, 0, 0), (1, 1, 0), (2, 1, 1), (4, 5, 1)])
+def test_a_rank_takes_its_local_rank_modulo_the_gpu_count(monkeypatch, gpus, local_rank, expected):
+    chosen = []
+
+    def set_device(device):
+        chosen.append(device)
+        raise _DeviceChosen
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(_DeviceChosen):
+        Trainer(TrainConfig(data="toy2d", batch=32, device="cuda"), None,
+                process=ProcessInfo(local_rank, 2 * gpus, local_rank), progress=False)
+    assert chosen == [torch.device("cuda", expected)]
+
+
+@pytest.mark.parametrize("device_type, local_ranks, gpus, backend", [
+    ("cuda", 2, 2, "nccl"), ("cuda", 1, 4, "nccl"), ("cuda", 2, 1, "gloo"), ("cpu", 2, 2, "gloo"),
+])
+def test_the_process_group_is_nccl_only_with_a_gpu_per_rank(monkeypatch, recwarn, device_type, local_ranks, gpus,
+                                                             backend):
+    joined = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda name: joined.append(name))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2 * local_ranks)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("WORLD_SIZE", str(2 * local_ranks))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert trainer_module._process_from_env(device_type) == ProcessInfo(1, 2 * local_ranks, 1)
+    assert joined == [backend]
+    shared = [str(w.message) for w in recwarn if "share" in str(w.message)]
+    if device_type == "cuda" and backend == "gloo":
+        assert shared == [f"{local_ranks} ranks share {gpus} GPU(s) on this node: NCCL needs a GPU per rank, "
+                          "so the process group uses gloo (slower)"]
+    else:
+        assert shared == []

@@ -19,7 +19,7 @@ from imm_kernels import IMMLoss, Preconditioner
 from imm_kernels.models import DiT, DiT_models, DiTBlock, FinalLayer
 from imm_kernels.models.dit import get_2d_sincos_pos_embed
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fp32_convolutions")
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=24, depth=2, num_heads=2, num_classes=5)
 FUSED = "triton"  # runs in the interpreter on the CPU; "auto" could silently take the reference
@@ -28,6 +28,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_
 CONFIGS = {  # DiT's table: (depth, hidden, heads)
     "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
 }
+
+
+@pytest.fixture
+def fp32_convolutions(monkeypatch):
+    """cuDNN runs float32 convolutions (the patch embedding) in TF32, a 10-bit mantissa, by default on
+    Ampere and later GPUs; the comparisons here are at float32 (and float64) rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def tiny_dit(seed: int = 0, **overrides) -> DiT:

@@ -1,7 +1,10 @@
 """Few-step sampling: grids against their formulas, pushforward and restart against a plain
 transcription of DESIGN §1 in float64, GraphedSampler against the eager sampler, clear errors."""
 
+import contextlib
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch import nn
 from imm_kernels import Preconditioner, schedules
 from imm_kernels.models.small import ConvBackbone, MLPBackbone
 from imm_kernels.sampling import GraphedSampler, pushforward, restart, time_grid
+from imm_kernels.sampling.graphs import WARMUP_RUNS
 
 from conftest import cli_fails, run_cli
 
@@ -291,6 +295,57 @@ def test_graphed_sampler_on_cpu_is_the_eager_sampler(sampler_kind):
     assert torch.equal(sampler(noise, labels, **extra), eager)
 
 
+# Capture keeps what the graph reads alive.
+
+
+class _FakeCudaGraphs:
+    """Stand-ins for the torch.cuda calls of a capture, so that it runs (eagerly) on the CPU."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            pass
+
+    @staticmethod
+    def install(monkeypatch):
+        fake = _FakeCudaGraphs
+        monkeypatch.setattr(torch.cuda, "Stream", fake.Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: fake.Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+
+
+@pytest.mark.parametrize("sampler_kind", ["pushforward", "restart"])
+def test_captured_loop_keeps_the_time_and_guidance_tensors_alive(monkeypatch, sampler_kind):
+    """A CUDA graph holds raw addresses: a tensor it reads that nothing keeps alive is freed once the
+    capture returns, and the allocator hands its memory to the next tensor of that size."""
+    net = make_net(param="simple_edm", dtype=torch.float32)
+    read = []  # weak references to the times and guidance scales the captured steps read
+
+    def recording(call):
+        def record(x, t, s, labels, *cfg_scale, **kwargs):
+            read.extend(weakref.ref(value) for value in (t, s, *cfg_scale))
+            return call(x, t, s, labels, *cfg_scale, **kwargs)
+        return record
+
+    monkeypatch.setattr(net, "forward", recording(net.forward))
+    monkeypatch.setattr(net, "guided", recording(net.guided))
+    _FakeCudaGraphs.install(monkeypatch)
+    noise, labels, _ = _inputs(batch=4)
+    sampler = GraphedSampler(net, 4, time_grid("edm", 3, 0.994, 0.0), cfg_scale=1.5, sampler=sampler_kind)
+    sampler.graphed = True  # capture through the fakes, as on a GPU
+    sampler(noise.float(), labels)
+    gc.collect()
+    assert len(read) == 3 * 3 * (WARMUP_RUNS + 1)  # t, s and the scale of 3 steps, in each warm-up and the capture
+    freed = [ref for ref in read if ref() is None]
+    assert not freed, f"{len(freed)} of the {len(read)} time and scale tensors the graph reads were freed"
+
+
 # On a GPU: the graph replays the eager sampler bit for bit.
 
 
@@ -318,6 +373,35 @@ def test_graphed_replay_equals_eager_bit_for_bit(sampler_kind, cfg_scale, dtype)
         expected = eager_fn(net, noise, grid, labels, cfg_scale, dtype=dtype, **extra)
         assert out.dtype == dtype and torch.equal(out, expected)
     assert len(sampler._loops) == 3
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("sampler_kind", ["pushforward", "restart"])
+def test_graphed_replay_is_unchanged_by_reuse_of_freed_memory(sampler_kind):
+    """Between capture and replay, tensors of the time tensors' size come and go, then every free block
+    of the allocator's small pool holds NaN: a graph reading a freed time or scale tensor would read one."""
+    net = _cuda_net("simple_edm")
+    grid = time_grid("edm", 4, 0.994, 0.0)
+    batch = 4
+    sampler = GraphedSampler(net, batch, grid, cfg_scale=1.5, sampler=sampler_kind, sample_shape=(DIM,))
+
+    def nan_times() -> torch.Tensor:  # the size of a captured (B,) float64 time
+        return torch.full((batch,), math.nan, dtype=torch.float64, device="cuda")
+
+    for _ in range(1000):
+        nan_times()
+    reserved = torch.cuda.memory_stats()["reserved_bytes.small_pool.current"]
+    garbage = []
+    while torch.cuda.memory_stats()["reserved_bytes.small_pool.current"] == reserved:  # until a new segment
+        garbage.extend(nan_times() for _ in range(256))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    noise = SIGMA_D * torch.randn(batch, DIM, device="cuda", generator=gen)
+    labels = torch.randint(0, LABEL_DIM, (batch,), device="cuda", generator=gen)
+    extra = {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)} if (
+        sampler_kind == "restart") else {}
+    out = sampler(noise, labels, **extra)
+    expected = (pushforward if sampler_kind == "pushforward" else restart)(net, noise, grid, labels, 1.5, **extra)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -354,9 +438,10 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
                    "--batch", "4", "--grid", "edm", "--seed", "5", "--out", str(out))
     assert f"samples: {out} (one row per step count)" in printed.out
 
-    net, _, _ = load_ema_net(run)
+    # The command samples on the GPU when there is one (a CUDA graph, which equals the eager sampler there).
+    net = load_ema_net(run)[0].to("cuda" if CUDA else "cpu")
     noise, labels = prior_noise(net, 4, (1, 8, 8), 5), balanced_labels(net, 4)
-    rows = [pushforward(net, noise, time_grid("edm", n, net.T, net.eps), labels, 1.5) for n in (1, 3)]
+    rows = [pushforward(net, noise, time_grid("edm", n, net.T, net.eps), labels, 1.5).cpu() for n in (1, 3)]
     expected = save_image_grid(torch.cat(rows), tmp_path / "expected.png", nrow=4)
     assert out.read_bytes() == expected.read_bytes()
 
@@ -390,13 +475,18 @@ def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_pat
     assert "--cfg-scale needs a conditional checkpoint" in err
 
 
-def test_cli_bench_sampling_on_cpu_says_graphed_is_eager(capsys):
-    printed = run_cli(capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1")
+def test_cli_bench_sampling_rows_and_what_graphed_means_here(capsys):
+    # The tiny model without torch.compile: the GPU defaults (DiT-S/2, compiled) take minutes.
+    printed = run_cli(capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1", "--model", "tiny",
+                      "--no-compile")
     lines = printed.out.splitlines()
-    assert "no GPU: GraphedSampler runs the eager sampler here" in printed.out
+    if CUDA:
+        assert "GPU busy" in printed.out and "no GPU" not in printed.out
+    else:
+        assert "no GPU: GraphedSampler runs the eager sampler here" in printed.out
     rows = [line.split() for line in lines if line.strip() and line.split()[0] == "1"]
     assert [row[:3] for row in rows] == [["1", "1", "-"], ["1", "1", "1.5"]]
-    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # eager and graphed milliseconds
     assert "argument --batch: expected batch sizes" in cli_fails(capsys, "bench-sampling", "--batch", "0")
 
 

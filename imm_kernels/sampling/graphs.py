@@ -5,8 +5,10 @@ network call, each launched from Python. Here every network call, the guidance
 batch and its combination, and the update arithmetic of all N steps are captured
 once in a single torch.cuda.CUDAGraph; a call copies the inputs into the graph's
 static tensors and replays it. The times, c_noise inputs and guidance scale are
-fixed per sampler, so their (B,) tensors are made before the capture; restart's
-fresh noise is drawn outside the graph and copied in like the prior noise.
+fixed per sampler, so their (B,) tensors are made before the capture and kept with
+the graph (it reads them by address: freed, their memory would be handed to other
+tensors); restart's fresh noise is drawn outside the graph and copied in like the
+prior noise.
 
 Replay runs exactly the kernels the eager sampler runs, on the same values, so
 it equals the eager sampler bit for bit (warm-up runs on a side stream before
@@ -46,12 +48,17 @@ WARMUP_RUNS = 2
 
 @dataclass
 class _CapturedLoop:
-    """One batch size's graph and the static tensors it reads and writes."""
+    """One batch size's graph and every tensor made outside it that it reads or writes.
+
+    The graph holds addresses, not references: each tensor it reads lives here as long as it may replay.
+    """
 
     graph: torch.cuda.CUDAGraph
     noise: Tensor
     labels: Tensor | None
     restart_noise: Tensor | None
+    step_times: list[tuple[Tensor, Tensor]]
+    cfg: Tensor | None
     out: Tensor
 
 
@@ -224,7 +231,7 @@ class GraphedSampler:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 out = run()
-        return _CapturedLoop(graph, noise, labels, restart_noise, out)
+        return _CapturedLoop(graph, noise, labels, restart_noise, step_times, cfg, out)
 
     def __repr__(self) -> str:
         mode = "CUDA graph" if self.graphed else "eager (CPU)"

@@ -2,8 +2,9 @@
 
 One `Trainer` runs one process of a run: single-process, or one rank under
 `torchrun` (gloo on CPU, NCCL on GPU; the process group is initialised from the
-environment when WORLD_SIZE > 1). What makes a run reproducible and resumable
-bit for bit:
+environment when WORLD_SIZE > 1). Local rank r takes GPU r mod the GPU count: where
+a node's ranks outnumber its GPUs, they share them and talk over gloo. What makes a
+run reproducible and resumable bit for bit:
 
 - the data order is a function of (seed, step): every epoch is a permutation drawn
   from (seed, epoch), the global batch of step n is the next `batch` positions of that
@@ -31,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -225,14 +227,36 @@ class ProcessInfo:
         return self.rank == 0
 
 
+def _process_group_backend(device_type: str) -> str:
+    """NCCL for CUDA ranks with a GPU each; gloo on the CPU, and for CUDA ranks that outnumber the
+    node's GPUs: NCCL refuses two ranks on one GPU, gloo runs them there (slower)."""
+    if device_type != "cuda":
+        return "gloo"
+    local_ranks, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if local_ranks <= gpus:
+        return "nccl"
+    warnings.warn(
+        f"{local_ranks} ranks share {gpus} GPU(s) on this node: NCCL needs a GPU per rank, "
+        "so the process group uses gloo (slower)",
+        stacklevel=2,
+    )
+    return "gloo"
+
+
 def _process_from_env(device_type: str) -> ProcessInfo:
-    """This process's rank in the default process group, joining it first (gloo on CPU, NCCL on
-    CUDA, from torchrun's environment) when WORLD_SIZE > 1 and nobody has yet."""
+    """This process's rank in the default process group, joining it first (from torchrun's
+    environment; see _process_group_backend) when WORLD_SIZE > 1 and nobody has yet."""
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return ProcessInfo()
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(_process_group_backend(device_type))
     return ProcessInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _rank_device(local_rank: int) -> torch.device:
+    """The GPU of local rank `local_rank`: local ranks beyond the GPU count share them round robin
+    (two processes on a one-GPU machine both take cuda:0) instead of asking for a missing cuda:N."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _resolve_device(config: TrainConfig) -> torch.device:
@@ -327,7 +351,7 @@ class Trainer:
         self.device = _resolve_device(config)
         self.process = process or _process_from_env(self.device.type)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.process.local_rank)
+            self.device = _rank_device(self.process.local_rank)
             torch.cuda.set_device(self.device)
         world_size = self.process.world_size
         if config.batch % (config.group_size * world_size):
