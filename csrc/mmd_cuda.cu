@@ -7,8 +7,9 @@
 // pair's squared difference (direct differences, never the Gram form) for the
 // upper triangle of S. Pairs are then reduced across the block in a fixed order
 // (warp shuffles, then warps in index order): no atomics, bitwise repeatable.
-// With too few groups to fill the GPU, D is split across blocks and a second
-// kernel adds the partial S in split order. The backward block loads the
+// One warp then finalises the group (mmd_cuda_finalize.h). With too few groups to
+// fill the GPU, D is split across blocks and a second kernel, a warp per group,
+// adds the partial S in split order and finalises alike. The backward block loads the
 // (2M)x(2M) coefficient matrix into shared memory and streams its columns once.
 //
 // Rows are templated on MAX_M in {1, 2, 4, 8} (registers hold 2*MAX_M rows and
@@ -16,6 +17,7 @@
 // rows unused.
 #include "mmd.h"
 #include "mmd_common.h"
+#include "mmd_cuda_finalize.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,7 +34,8 @@ namespace imm_kernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kFinalizeWarps = 4;  // groups per block of mmd_finalize_kernel
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Packed {
@@ -60,31 +63,33 @@ __device__ __forceinline__ void load_columns(const scalar_t* __restrict__ x, con
   }
 }
 
-// Index of the upper-triangle pair (i, j), i <= j, among ROWS rows.
-__host__ __device__ constexpr int pair_index(int i, int j, int rows) { return i * rows - i * (i - 1) / 2 + (j - i); }
+// Lane 0 gets the sum of the warp's values, added in a fixed tree.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  return value;
+}
 
-// From the packed upper triangle of one group's S: store S (2M x 2M), MMD^2, dMMD^2/db, loss.
+// One whole warp: from the packed upper triangle of the group's S (in shared memory), store
+// S (2M x 2M), MMD^2, dMMD^2/db and the loss.
 template <typename acc_t, int ROWS>
-__device__ void finalize_group(const acc_t* upper, int64_t group, int group_size, const acc_t* bandwidth,
+__device__ void finalize_group(const acc_t* upper, int lane, int64_t group, int group_size, const acc_t* bandwidth,
                                const acc_t* weight, double eps, int64_t num_features, acc_t* loss, acc_t* sqdist,
                                acc_t* mmd2, acc_t* dmmd_db) {
   const int rows = 2 * group_size;
-  const acc_t b = bandwidth[group], features = static_cast<acc_t>(num_features);
-  acc_t sum_kern = 0, sum_kern_dist = 0;
-  for (int i = 0; i < rows; ++i) {
-    for (int j = 0; j < rows; ++j) {
-      const acc_t s = upper[pair_index(min(i, j), max(i, j), ROWS)];
-      sqdist[group * rows * rows + i * rows + j] = s;
-      const LaplaceTerms<acc_t> terms(s, b, static_cast<acc_t>(eps), features);
-      const acc_t signed_kern = pair_sign<acc_t>(i, j, group_size) * terms.kern;
-      sum_kern += signed_kern;
-      sum_kern_dist += signed_kern * terms.dist;
-    }
+  for (int e = lane; e < rows * rows; e += kWarpSize) {
+    sqdist[group * rows * rows + e] = sqdist_entry<ROWS>(upper, e / rows, e % rows);
   }
-  const acc_t pairs = static_cast<acc_t>(group_size * group_size);
-  mmd2[group] = sum_kern / pairs;
-  dmmd_db[group] = -sum_kern_dist / pairs / features;
-  loss[group] = weight[group] * mmd2[group];
+  const acc_t features = static_cast<acc_t>(num_features);
+  const KernelSums<acc_t> lane_sums =
+      lane_kernel_sums<ROWS>(upper, lane, group_size, bandwidth[group], static_cast<acc_t>(eps), features);
+  const KernelSums<acc_t> sums{warp_sum(lane_sums.kern), warp_sum(lane_sums.kern_dist)};
+  if (lane == 0) {
+    const GroupMMD<acc_t> out = group_mmd(sums, group_size, features);
+    mmd2[group] = out.mmd2;
+    dmmd_db[group] = out.dmmd_db;
+    loss[group] = weight[group] * out.mmd2;
+  }
 }
 
 template <typename scalar_t, typename acc_t, int MAX_M, int VEC>
@@ -119,11 +124,10 @@ __global__ void __launch_bounds__(kThreads) mmd_forward_kernel(
     }
   }
 
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 #pragma unroll
   for (int p = 0; p < PAIRS; ++p) {
-    acc_t value = acc[p];
-    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+    const acc_t value = warp_sum(acc[p]);
     if (lane == 0) warp_sums[warp][p] = value;
   }
   __syncthreads();
@@ -136,29 +140,28 @@ __global__ void __launch_bounds__(kThreads) mmd_forward_kernel(
 
   if (num_splits > 1) {
     for (int p = threadIdx.x; p < PAIRS; p += kThreads) partial[(group * num_splits + split) * PAIRS + p] = block_sums[p];
-  } else if (threadIdx.x == 0) {
-    finalize_group<acc_t, ROWS>(block_sums, group, group_size, bandwidth, weight, eps, num_features, loss, sqdist,
-                                mmd2, dmmd_db);
+  } else if (warp == 0) {
+    finalize_group<acc_t, ROWS>(block_sums, lane, group, group_size, bandwidth, weight, eps, num_features, loss,
+                                sqdist, mmd2, dmmd_db);
   }
 }
 
-// One thread per group: adds the partial S in split order, then finalizes.
+// One warp per group: its lanes add the partial S in split order, then finalise it as the
+// forward kernel does an unsplit group.
 template <typename acc_t, int MAX_M>
-__global__ void mmd_finalize_kernel(const acc_t* __restrict__ partial, int64_t num_groups, int64_t num_splits,
-                                    int group_size, int64_t num_features, double eps,
-                                    const acc_t* __restrict__ bandwidth, const acc_t* __restrict__ weight,
-                                    acc_t* __restrict__ loss, acc_t* __restrict__ sqdist, acc_t* __restrict__ mmd2,
-                                    acc_t* __restrict__ dmmd_db) {
+__global__ void __launch_bounds__(kFinalizeWarps * kWarpSize) mmd_finalize_kernel(
+    const acc_t* __restrict__ partial, int64_t num_groups, int64_t num_splits, int group_size, int64_t num_features,
+    double eps, const acc_t* __restrict__ bandwidth, const acc_t* __restrict__ weight, acc_t* __restrict__ loss,
+    acc_t* __restrict__ sqdist, acc_t* __restrict__ mmd2, acc_t* __restrict__ dmmd_db) {
   constexpr int ROWS = 2 * MAX_M, PAIRS = ROWS * (ROWS + 1) / 2;
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (group >= num_groups) return;
-  acc_t upper[PAIRS];
-  for (int p = 0; p < PAIRS; ++p) upper[p] = 0;
-  for (int64_t split = 0; split < num_splits; ++split) {
-    for (int p = 0; p < PAIRS; ++p) upper[p] += partial[(group * num_splits + split) * PAIRS + p];
-  }
-  finalize_group<acc_t, ROWS>(upper, group, group_size, bandwidth, weight, eps, num_features, loss, sqdist, mmd2,
-                              dmmd_db);
+  __shared__ acc_t upper[kFinalizeWarps][PAIRS];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + warp;
+  if (group >= num_groups) return;  // whole warps leave: the shuffles see full warps
+  for (int p = lane; p < PAIRS; p += kWarpSize) upper[warp][p] = split_total<PAIRS>(partial, group, num_splits, p);
+  __syncwarp();
+  finalize_group<acc_t, ROWS>(upper[warp], lane, group, group_size, bandwidth, weight, eps, num_features, loss,
+                              sqdist, mmd2, dmmd_db);
 }
 
 // A_ij from shared memory. Up to MAX_M = 4 the compiler keeps all (2M)^2 values in
@@ -323,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cuda(
           dmmd_db.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (plan.num_splits > 1) {
-        const unsigned blocks = static_cast<unsigned>((plan.num_groups + 127) / 128);
-        mmd_finalize_kernel<acc_t, MAX_M><<<blocks, 128, 0, stream>>>(
+        const unsigned blocks = static_cast<unsigned>((plan.num_groups + kFinalizeWarps - 1) / kFinalizeWarps);
+        mmd_finalize_kernel<acc_t, MAX_M><<<blocks, kFinalizeWarps * kWarpSize, 0, stream>>>(
             partial.data_ptr<acc_t>(), plan.num_groups, plan.num_splits, static_cast<int>(group_size),
             plan.num_features, eps, bandwidth.data_ptr<acc_t>(), weight.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
             sqdist.data_ptr<acc_t>(), mmd2.data_ptr<acc_t>(), dmmd_db.data_ptr<acc_t>());
