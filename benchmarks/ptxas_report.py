@@ -1,9 +1,15 @@
-"""Compile the MMD kernels for sm_90 ahead of time and print their register use.
+"""Compile the Triton MMD kernels for sm_90 as their JIT does and report what the code does.
 
-Needs no GPU: Triton's bundled ptxas compiles, its cuobjdump reads the resource
-usage. Run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled):
+Needs no GPU: Triton compiles for Hopper here, its bundled cuobjdump reads the cubin
+(`sass_stats.py`). Each shipped tile configuration is compiled with the JIT's real
+specialization (16-byte aligned pointers, sizes divisible by 16, here D = 4096) for
+every kernel variant a training step launches, and the report gives registers, spill
+bytes, shared memory, occupancy (blocks per SM) and, per element of x and y streamed
+through each D loop, the thread-instructions the loop issues: all of them, shuffles,
+global loads, shared-memory accesses and fp32 (fp64) arithmetic. Run with
+TRITON_INTERPRET unset (interpreted kernels cannot be compiled):
 
-    python benchmarks/ptxas_report.py          # table of registers / spill bytes
+    python benchmarks/ptxas_report.py          # the table
     python benchmarks/ptxas_report.py --json   # the same as JSON (the tests read it)
 """
 
@@ -11,80 +17,100 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from imm_kernels.ops import mmd_triton as mmd
+import sass_stats  # noqa: E402
+import torch  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+from imm_kernels.ops import mmd_triton as mmd  # noqa: E402
 
-
-def _pointers(dtype: str, *names: str) -> dict:
-    return {name: f"*{dtype}" for name in names}
-
-
-def _signatures(io: str, acc: str) -> dict:
-    """Argument types of each kernel for input dtype `io` and compute dtype `acc`."""
-    scalars = {"num_features": "i32", "cols_per_split": "i32", "eps": "fp32"}
-    saved = ("bandwidth_ptr", "weight_ptr")
-    outputs = ("loss_ptr", "sqdist_ptr", "mmd2_ptr", "dmmd_db_ptr")
-    rows = {**_pointers(io, "x_ptr", "y_ptr"), "stride_x": "i32", "stride_y": "i32"}
-    return {
-        "forward": {**rows, **_pointers(acc, "partial_ptr", *saved, *outputs), **scalars,
-                    "M": "constexpr", "R": "constexpr", "BLOCK_D": "constexpr", "FINALIZE": "constexpr"},
-        "finalize": {**_pointers(acc, "partial_ptr", *saved, *outputs), "num_splits": "i32",
-                     "num_features": "i32", "eps": "fp32", "M": "constexpr", "R": "constexpr"},
-        "backward": {**rows, **_pointers(io, "dx_ptr", "dy_ptr"), "grad_ptr": f"*{acc}", "stride_grad": "i32",
-                     **_pointers(acc, "sqdist_ptr", *saved), **scalars, "M": "constexpr", "R": "constexpr",
-                     "BLOCK_D": "constexpr", "STORE_DX": "constexpr", "STORE_DY": "constexpr"},
-    }
+NUM_FEATURES = 4096
+DTYPES = (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64"))  # (input, compute)
+# Variant name -> (kernel, constexprs beyond the tile's); "loops" names its D loops in order.
+VARIANTS = {
+    "forward": (mmd._mmd_fwd_kernel, dict(FINALIZE=True, STORE_DX=False, STORE_DY=False), ("S",)),
+    "forward_split": (mmd._mmd_fwd_kernel, dict(FINALIZE=False, STORE_DX=False, STORE_DY=False), ("S",)),
+    "forward_dx": (mmd._mmd_fwd_kernel, dict(FINALIZE=True, STORE_DX=True, STORE_DY=False), ("S", "dx")),
+    "backward_dx": (mmd._mmd_bwd_kernel, dict(STORE_DX=True, STORE_DY=False, SKIP_EXPECTED=False), ("dx",)),
+    "backward_dxdy": (mmd._mmd_bwd_kernel, dict(STORE_DX=True, STORE_DY=True, SKIP_EXPECTED=False), ("dxdy",)),
+    "refresh_dx": (mmd._mmd_bwd_kernel, dict(STORE_DX=True, STORE_DY=False, SKIP_EXPECTED=True), ("dx",)),
+}
 
 
-def _resource_usage(compiled) -> tuple[int, int]:
-    """(registers per thread, stack bytes per thread) from the cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        out = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
-    fields = dict(item.split(":") for item in next(l for l in out.stdout.splitlines() if "REG:" in l).split())
-    return int(fields["REG"]), int(fields["STACK"])
+def _arguments(kernel, io: str, acc: str) -> dict:
+    """Each runtime argument as the JIT sees a launch at D = NUM_FEATURES: x, y and their
+    gradients in the input dtype, every other tensor in the compute dtype; per-group
+    tensors read with stride 0 (an expanded upstream gradient), sizes D."""
+    args = {}
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            args[name] = f"*{io}" if name in ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr") else f"*{acc}"
+        elif name == "eps":
+            args[name] = "fp32"
+        elif name in ("stride_grad", "stride_expected"):
+            args[name] = 0
+        elif name == "num_splits":
+            args[name] = 8
+        else:  # row strides, num_features, cols_per_split
+            args[name] = NUM_FEATURES
+    return args
+
+
+def _row(variant: str, io: str, acc: str, group_size: int) -> dict:
+    kernel, flags, loop_names = VARIANTS[variant]
+    half = mmd.half_rows(group_size)
+    block_d, num_warps = mmd._tile_config(group_size, NUM_FEATURES, torch.float64 if acc == "fp64" else torch.float32)
+    constexprs = dict(M=group_size, MX=half, BLOCK_D=block_d, NUM_STAGES=mmd.NUM_STAGES,
+                      EVEN_D=NUM_FEATURES % block_d == 0, **flags)
+    compiled = sass_stats.compile_like_jit(kernel, _arguments(kernel, io, acc), constexprs, num_warps=num_warps)
+    stats = sass_stats.triton_kernel_stats(compiled)
+    stats.pop("loop")
+    bodies = sass_stats.loop_bodies(sass_stats.parse_sass(sass_stats.cuobjdump(compiled.asm["cubin"], "-sass")))
+    if len(bodies) != len(loop_names):
+        raise RuntimeError(f"{variant} {io} M={group_size}: expected loops {loop_names}, found {len(bodies)}")
+    # Thread-instructions per element of x and y streamed: count * threads / (2 M BLOCK_D).
+    per_element = (32 * num_warps) / (2 * group_size * block_d)
+    loops = {}
+    for name, body in zip(loop_names, bodies):
+        counts = sass_stats.loop_counts([], body)
+        loops[name] = {key: round(value * per_element, 2) for key, value in counts.items()}
+    return dict(kernel=variant, dtype=io, M=group_size, BLOCK_D=block_d, num_warps=num_warps, **stats, loops=loops)
 
 
 def report() -> list[dict]:
-    kernels = {"forward": mmd._mmd_fwd_kernel, "finalize": mmd._mmd_finalize_kernel, "backward": mmd._mmd_bwd_kernel}
-    rows = []
-    for fp64, table in mmd._TILE_CONFIG.items():
-        io, acc = ("fp64", "fp64") if fp64 else ("bf16", "fp32")
-        signatures = _signatures(io, acc)
-        for padded, (block_d, num_warps) in table.items():
-            constexprs = {
-                "forward": {"M": padded // 2, "R": padded, "BLOCK_D": block_d, "FINALIZE": True},
-                "finalize": {"M": padded // 2, "R": padded},
-                "backward": {"M": padded // 2, "R": padded, "BLOCK_D": block_d, "STORE_DX": True, "STORE_DY": True},
-            }
-            for name, kernel in kernels.items():
-                source = ASTSource(fn=kernel, signature=signatures[name], constexprs=constexprs[name])
-                warps = 4 if name == "finalize" else num_warps
-                regs, stack = _resource_usage(triton.compile(source, target=TARGET, options={"num_warps": warps}))
-                rows.append(dict(kernel=name, dtype=io, R=padded, BLOCK_D=block_d, num_warps=warps,
-                                 registers=regs, stack_bytes=stack))
-    return rows
+    """Every variant, dtype and shipped tile (M = MX, the table's row count), compiled in parallel."""
+    cases = [
+        (variant, io, acc, half)
+        for io, acc in DTYPES
+        for half in sorted(mmd._TILE_CONFIG[acc == "fp64"])
+        for variant in VARIANTS
+    ]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(pool.map(_row, *zip(*cases)))
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = (f"{'kernel':<14}{'dtype':<6}{'M':>3}{'BLOCK_D':>8}{'warps':>6}{'regs':>5}{'spill B':>8}{'smem KB':>8}"
+              f"{'blk/SM':>7}  loop: instr/elem  shfl  ldg   lds/sts  fp")
+    print(header)
+    for r in rows:
+        for i, (name, loop) in enumerate(r["loops"].items()):
+            lead = (f"{r['kernel']:<14}{r['dtype']:<6}{r['M']:>3}{r['BLOCK_D']:>8}{r['num_warps']:>6}{r['registers']:>5}"
+                    f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}{r['blocks_per_sm']:>7}") if i == 0 else " " * 65
+            print(f"{lead}  {name:<5}{loop['instructions']:>10.2f}{loop['shuffles']:>6.2f}{loop['global_loads']:>6.2f}"
+                  f"{loop['shared']:>9.2f}{loop['fp32'] + loop['fp64']:>6.2f}")
 
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default until 3.10; silences its warning
     results = report()
     if "--json" in sys.argv:
         print(json.dumps(results))
     else:
-        print(f"{'kernel':<9} {'dtype':<5} {'R':>3} {'BLOCK_D':>7} {'warps':>5} {'regs':>5} {'spill B':>7}")
-        for r in results:
-            print(f"{r['kernel']:<9} {r['dtype']:<5} {r['R']:>3} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
-                  f"{r['registers']:>5} {r['stack_bytes']:>7}")
+        _print_table(results)

@@ -640,6 +640,162 @@ def test_native_extension_guards_its_own_inputs():
 
 
 # ----------------------------------------------------------------------------
+# The Triton backend: forward with gradient, the device-side upstream test, grid sizing
+# ----------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "dtype,group_size,num_groups,num_features",
+    [
+        (torch.float32, 4, 6, 300),  # one program per group: S, then the gradient, in one kernel
+        (torch.float64, 3, 5, 37),  # M not a power of two: padding rows
+        (torch.bfloat16, 8, 3, 65),
+        (torch.float32, 1, 7, 19),
+        (torch.float32, 2, 1, 2000),  # few groups: D split, so the forward then the backward kernel
+    ],
+)
+@pytest.mark.parametrize("need_dy", [False, True])
+def test_triton_forward_with_grad_equals_forward_then_backward(dtype, group_size, num_groups, num_features,
+                                                               need_dy, device):
+    """The forward that also writes the gradient gives, to the bit, what the forward and the backward give."""
+    from imm_kernels.ops import mmd_triton
+
+    x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, dtype, device)
+    cdtype = reference.compute_dtype(dtype)
+    bandwidth, weight = bandwidth.to(cdtype), weight.to(cdtype)
+    grad_loss = torch.rand(num_groups, dtype=cdtype, device=device) - 0.5
+    fused = mmd_triton.mmd_forward_with_grad_triton(x, y, bandwidth, weight, group_size, 1e-8, grad_loss, True, need_dy)
+    forward = mmd_triton.mmd_forward_triton(x, y, bandwidth, weight, group_size, 1e-8)
+    backward = mmd_triton.mmd_backward_triton(grad_loss, x, y, forward[1], bandwidth, weight, group_size, 1e-8,
+                                              True, need_dy)
+    for got, expected in zip(fused, (*forward, *backward)):
+        assert torch.equal(got, expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_groups,num_features", [(6, 33), (2, 3000)])  # unsplit and split D
+def test_triton_refresh_rewrites_only_groups_whose_gradient_differs(num_groups, num_features, device):
+    """The backward's device-side test: groups whose upstream gradient is the one the forward
+    assumed keep what it wrote (here marked, to see it untouched); the others get theirs anew."""
+    from imm_kernels.ops import mmd_triton
+
+    x, y, bandwidth, weight = make_inputs(4, num_groups, num_features, device=device)
+    bandwidth, weight = bandwidth.float(), weight.float()
+    expected = torch.full((num_groups,), 1 / num_groups, device=device)
+    forward = mmd_triton.mmd_forward_with_grad_triton(x, y, bandwidth, weight, 4, 1e-8, expected, True, True)
+    sqdist = forward[1]
+    grad_loss = expected.clone()
+    grad_loss[1] = -2.5
+    dx, dy = torch.full_like(x, 7.0), torch.full_like(y, 7.0)
+    mmd_triton.mmd_refresh_grad_triton(grad_loss, expected, x, y, sqdist, bandwidth, weight, 4, 1e-8, dx, dy)
+    want_dx, want_dy = mmd_triton.mmd_backward_triton(grad_loss, x, y, sqdist, bandwidth, weight, 4, 1e-8,
+                                                      True, True)
+    rewritten = slice(4, 8)  # group 1's rows
+    for got, want in ((dx, want_dx), (dy, want_dy)):
+        assert torch.equal(got[rewritten], want[rewritten])
+        kept = torch.cat([got[:4], got[8:]])
+        assert (kept == 7.0).all()
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_backward_needs_no_host_sync(reduction, device, monkeypatch):
+    """The forward-with-gradient path decides on the device whether its dx applies: the
+    backward never reads a tensor on the host (no .item(), no bool()), for the upstream
+    gradient .backward() sends and for any other, and its gradients are right for both."""
+    x, y, bandwidth, weight = make_inputs(4, 6, 33, torch.float64, device)
+    upstreams = [torch.ones((6,) if reduction == "none" else (), dtype=torch.float64, device=device)]
+    upstreams.append(torch.linspace(-1, 2, 6, dtype=torch.float64, device=device) if reduction == "none"
+                     else torch.tensor(3.0, dtype=torch.float64, device=device))
+
+    def host_sync(*_args, **_kwargs):
+        raise _HostSync("the backward read a tensor on the host")
+
+    for upstream in upstreams:
+        x_leaf = x.clone().requires_grad_(True)
+        loss = mmd_loss(x_leaf, y, 4, bandwidth, weight, reduction=reduction, backend="triton")
+        with monkeypatch.context() as patch:
+            for method in ("item", "__bool__", "tolist"):
+                patch.setattr(torch.Tensor, method, host_sync)
+            (dx,) = torch.autograd.grad(loss, x_leaf, upstream)
+        ref_leaf = x.clone().requires_grad_(True)
+        ref = mmd_loss(ref_leaf, y, 4, bandwidth, weight, reduction=reduction, backend="torch")
+        (ref_dx,) = torch.autograd.grad(ref, ref_leaf, upstream)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("num_groups,num_features", [(64, 256), (2, 2**16)])  # one program per group; D split
+def test_triton_training_step_never_syncs_on_gpu(num_groups, num_features):
+    """Forward and backward of the loss, as a training step runs them, with CUDA's sync check on."""
+    x, y, bandwidth, weight = make_inputs(4, num_groups, num_features, torch.bfloat16, "cuda")
+    bandwidth, weight = bandwidth.float(), weight.float()
+    x.requires_grad_(True)
+    mmd_loss(x, y, 4, bandwidth, weight, backend="triton").backward()  # compiles and sizes the grid first
+    expected = x.grad.clone()
+    x.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mmd_loss(x, y, 4, bandwidth, weight, backend="triton").backward()
+        (2 * mmd_loss(x, y, 4, bandwidth, weight, backend="triton")).backward()  # another upstream gradient
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(x.grad, 3 * expected, rtol=2e-2, atol=1e-6)  # bf16 dx accumulated
+
+
+@needs_triton
+def test_triton_second_backward_leaves_the_first_gradient_intact(device):
+    """With retain_graph, a second backward with another upstream gradient must not rewrite the
+    gradient the first one returned (which was the forward's own buffer)."""
+    x, y, bandwidth, weight = make_inputs(4, 6, 33, torch.float64, device)
+    x.requires_grad_(True)
+    per_group = mmd_loss(x, y, 4, bandwidth, weight, reduction="none", backend="triton")
+    (first,) = torch.autograd.grad(per_group.sum(), x, retain_graph=True)
+    first_copy = first.clone()
+    upstream = torch.arange(6.0, dtype=torch.float64, device=device)
+    (second,) = torch.autograd.grad(per_group, x, upstream)
+    assert torch.equal(first, first_copy)
+    ref = mmd_loss(x, y, 4, bandwidth, weight, reduction="none", backend="torch")
+    (ref_first,) = torch.autograd.grad(ref.sum(), x, retain_graph=True)
+    (ref_second,) = torch.autograd.grad(ref, x, upstream)
+    torch.testing.assert_close(first, ref_first, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(second, ref_second, rtol=1e-12, atol=1e-15)
+
+
+@needs_triton
+def test_triton_split_grid_sized_from_occupancy():
+    """D is split across programs only as far as the compiled kernel's occupancy needs."""
+    from types import SimpleNamespace
+
+    from imm_kernels.ops import mmd_triton
+
+    class Compiled:  # what triton's compiled kernel offers once its binary is loaded
+        n_regs, metadata = 128, SimpleNamespace(shared=16384)
+
+        def _init_handles(self):
+            pass
+
+    hopper = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                             shared_memory_per_multiprocessor=233472)
+    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 4  # registers: 128 x 128 threads, 4 blocks
+    Compiled.n_regs = 32
+    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 13  # shared memory: 228 KiB / (16 + 1) KiB
+    Compiled.metadata = SimpleNamespace(shared=0)
+    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 16  # threads: 2048 / 128
+    Compiled.n_regs = 40
+    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 12  # registers: 65536 / (40 x 32) = 51 warps
+    # Enough groups to fill the device: no split. Too few: just enough splits (whole blocks each).
+    assert mmd_triton._column_split(1024, 4096, 256, resident=132 * 4) == (1, 4096)
+    assert mmd_triton._column_split(64, 2**20, 256, resident=132 * 4) == (9, 456 * 256)
+    assert mmd_triton._column_split(1, 300, 256, resident=528) == (2, 256)
+
+
+# ----------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------
 
@@ -819,34 +975,58 @@ def test_thousands_of_groups(backend, device):
         assert rel_err(got, exact) < 1e-5
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    """Every shipped tile config compiles for Hopper; fp32 paths keep all in registers.
+def test_triton_kernels_compiled_for_sm90():
+    """Every shipped tile compiles for Hopper as the JIT specializes a launch (no GPU needed:
+    Triton ships ptxas), and the compiled code does what the kernels' layout promises:
 
-    ptxas runs here without a GPU (Triton ships it). fp64 (a correctness path, slow
-    on any GPU) may spill a little only at M >= 16.
+    - no spills for fp32/bf16 inputs, except at most 16 bytes in the dx+dy backward at M >= 16
+      (IMM trains with dx only; the narrower tile that avoids it doubles the forward's
+      instructions). fp64, a correctness path, may spill;
+    - no shuffles in any S loop: pair sums are accumulated element-wise and reduced after it;
+    - where a tile puts all of a column's rows in one thread (M <= 8), the S loop's
+      floating-point work per element streamed is 2M: the pairs i < j of xx and yy, all of
+      xy and one op per diagonal entry (all 4M^2 pairs would be 4M per element);
+    - the dx-only backward does at most ~half the arithmetic of the dx+dy one (x's rows only);
+    - the headline case, M = 4 bf16, streams at most 16 instructions per element in its S loop
+      (the kernel before this layout issued 80, 28 of them shuffles).
     """
     import json
     import pathlib
-    import subprocess
-    import sys
 
     pytest.importorskip("triton.backends.nvidia")
-    import imm_kernels.ops.mmd_triton
+    import imm_kernels.ops.mmd_triton as mmd_triton
 
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "ptxas_report.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default until 3.10; set to silence its warning
     run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
-    assert len(rows) == 3 * sum(len(table) for table in imm_kernels.ops.mmd_triton._TILE_CONFIG.values())
+    tiles = mmd_triton._TILE_CONFIG
+    assert len(rows) == 6 * (2 * len(tiles[False]) + len(tiles[True]))
+    fp_work = {}
     for row in rows:
-        if row["dtype"] != "fp64" or row["R"] <= 16:
-            assert row["stack_bytes"] == 0, row
+        allowed_spill = 0 if row["dtype"] != "fp64" else None
+        if row["kernel"] == "backward_dxdy" and row["M"] >= 16:
+            allowed_spill = 16
+        if allowed_spill is not None:
+            assert row["stack_bytes"] <= allowed_spill, row
+        loops = row["loops"]
+        fp = {name: loop["fp32"] + loop["fp64"] for name, loop in loops.items()}
+        fp_work[row["kernel"], row["dtype"], row["M"]] = sum(fp.values())
+        if "S" in loops:
+            assert loops["S"]["shuffles"] == 0, row
+            if row["M"] <= 8 and row["BLOCK_D"] >= 32 * row["num_warps"]:
+                assert fp["S"] == 2 * row["M"], row
+    for (kernel, dtype, group_size), work in fp_work.items():
+        if kernel == "backward_dx":
+            assert work <= 0.55 * fp_work["backward_dxdy", dtype, group_size]
+    (headline,) = [r for r in rows if (r["kernel"], r["dtype"], r["M"]) == ("forward", "bf16", 4)]
+    assert headline["loops"]["S"]["instructions"] <= 16, headline
 
 
 def test_cuda_kernels_compile_for_sm90():
-    """csrc/mmd_cuda.cu compiles for Hopper with nvcc (no GPU needed); fp32 kernels never spill.
+    """csrc/mmd_cuda.cu compiles for Hopper with nvcc (no GPU needed); fp32 kernels never spill;
+    the finalize kernel (a warp per group) never touches thread-local memory.
 
     The CUDA backend cannot run on a CPU machine, so this is what CI can check of it.
     """
@@ -864,9 +1044,13 @@ def test_cuda_kernels_compile_for_sm90():
     for dtype in ("float", "double", "Half", "BFloat16"):
         for max_m in (1, 2, 4, 8):
             assert {("forward", dtype, max_m), ("backward", dtype, max_m)} <= kernels
+    for max_m in (1, 2, 4, 8):
+        assert {("finalize", "float (acc)", max_m), ("finalize", "double (acc)", max_m)} <= kernels
     for row in rows:
         if row["dtype"] == "float":
             assert row["spill_bytes"] == 0, row
+        if row["kernel"] == "finalize":  # a warp per group: no thread-local arrays, shuffles
+            assert row["spill_bytes"] == 0 and row["local"] == 0 and row["shuffles"] > 0, row
 
 
 @needs_native

@@ -16,9 +16,12 @@ dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
 A backend may also offer `forward_with_grad`: the forward plus (dx, dy) for the
 upstream gradient a loss's `.backward()` sends (1 into the reduced loss), computed
 while each group is still in cache. Its backward returns those when that is the
-gradient that arrives, and otherwise runs the ordinary backward: never a wrong
-gradient, only a wasted pass. It also applies the reduction itself, which saves
-an autograd node per call. Eager mode only; under torch.compile the plain op is used.
+gradient that arrives, and otherwise computes them again: never a wrong gradient,
+only a wasted pass. A GPU backend makes that test on the device (`refresh_grad`
+rewrites, in place, only the groups whose gradient differs): no host sync; CPU
+backends test on the host, which costs nothing there. The path also applies the
+reduction itself, which saves an autograd node per call. Eager mode only; under
+torch.compile the plain op is used.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class MMDKernels(NamedTuple):
     saved_rows(group_size) -> the side of the saved (G, rows, rows) S
     forward_with_grad(x_rows, y_rows, bandwidth, weight, group_size, eps, grad_loss, need_dx, need_dy)
         -> forward's four outputs, then backward's (dx, dy) for grad_loss; None if not offered
+    refresh_grad(grad_loss, expected, x_rows, y_rows, S, bandwidth, weight, group_size, eps, dx, dy)
+        -> None; rewrites in place the groups of forward_with_grad's (B, D) dx/dy (empty where not
+        computed) whose grad_loss differs from the `expected` one they hold, deciding on the device;
+        None if not offered (the backward then tests on the host)
     bandwidth, weight and grad_loss arrive as (G,) tensors of the compute dtype;
     bandwidth and weight contiguous, grad_loss possibly stride-0.
     """
@@ -49,6 +56,7 @@ class MMDKernels(NamedTuple):
     backward: Callable
     saved_rows: Callable[[int], int]
     forward_with_grad: Callable | None = None
+    refresh_grad: Callable | None = None
 
 
 _KERNELS: dict[str, MMDKernels] = {}
@@ -146,6 +154,19 @@ def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
 mmd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _per_group_grad(grad_out: Tensor, num_groups: int, reduction: str) -> Tensor:
+    """The gradient each group's loss receives when the reduced loss receives grad_out."""
+    if reduction == "none":
+        return grad_out
+    grad = grad_out.expand(num_groups)
+    return grad / num_groups if reduction == "mean" else grad
+
+
+def _flat(grad: Tensor) -> Tensor:
+    """A gradient as (B, D) rows (it is contiguous); an empty tensor stays empty."""
+    return grad.view(grad.shape[0], -1) if grad.numel() else grad
+
+
 class _MMDWithGrad(torch.autograd.Function):
     """mmd_forward, reduced, whose forward also computes (dx, dy) for an upstream gradient of 1.
 
@@ -158,19 +179,33 @@ class _MMDWithGrad(torch.autograd.Function):
         need_dx, need_dy = ctx.needs_input_grad[:2]
         num_groups = bandwidth.shape[0]
         # What each group's loss receives when the reduced loss receives 1.
-        expected = 1.0 / num_groups if reduction == "mean" else 1.0
+        ones = torch.ones((num_groups,) if reduction == "none" else (), dtype=bandwidth.dtype, device=bandwidth.device)
+        expected = _per_group_grad(ones, num_groups, reduction)
         loss, sqdist, mmd2, dmmd_db, dx, dy = _KERNELS[backend].forward_with_grad(
             as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps,
-            torch.full_like(bandwidth, expected), need_dx, need_dy,
+            expected, need_dx, need_dy,
         )
         dx, dy = (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
         ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
         ctx.group_size, ctx.eps, ctx.reduction, ctx.backend = group_size, eps, reduction, backend
+        ctx.expected, ctx.grads_returned = expected, False
         return reduce_groups(loss, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
+        num_groups = bandwidth.shape[0]
+        refresh_grad = _KERNELS[ctx.backend].refresh_grad
+        if refresh_grad is not None:
+            grad_loss = _per_group_grad(grad_out, num_groups, ctx.reduction)
+            if ctx.grads_returned:  # a second backward (retain_graph): never overwrite what the first returned
+                grads = _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
+            else:
+                refresh_grad(grad_loss.to(sqdist.dtype), ctx.expected, as_rows(x), as_rows(y), sqdist, bandwidth,
+                             weight, ctx.group_size, ctx.eps, _flat(dx), _flat(dy))
+                ctx.grads_returned = True
+                grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
+            return (*grads, None, None, None, None)
         if ctx.reduction == "none":
             grad_loss, precomputed = grad_out, bool((grad_out == 1).all())
         else:
@@ -178,8 +213,7 @@ class _MMDWithGrad(torch.autograd.Function):
             precomputed = grad_out.item() == 1
             grad_loss = None  # unused unless recomputing or asked for the bandwidth/weight gradients
             if not precomputed or any(ctx.needs_input_grad[2:4]):
-                num_groups = bandwidth.shape[0]
-                grad_loss = grad_out.expand(num_groups) / (num_groups if ctx.reduction == "mean" else 1)
+                grad_loss = _per_group_grad(grad_out, num_groups, ctx.reduction)
         if precomputed:
             grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
         else:  # not the precomputed upstream gradient: compute dx and dy from x and y
