@@ -674,6 +674,21 @@ def test_triton_forward_with_grad_equals_forward_then_backward(dtype, group_size
 
 
 @needs_triton
+@pytest.mark.parametrize("group_size", [1, 3, 4, 8])
+def test_triton_equal_inputs_give_exactly_zero(group_size, device):
+    """x == y: S_xx, S_yy and S_xy hold the same sums in the same order, so the signed kernel
+    terms cancel exactly: the loss and the gradients in x, y and the weight are 0, not rounding
+    noise. (The bandwidth's gradient sums products k * d, which a GPU may contract into FMAs
+    unevenly: it is 0 only to rounding there.)"""
+    x, _, bandwidth, weight = make_inputs(group_size, 3, 37, device=device)
+    loss, (dx, dy, dbandwidth, dweight) = loss_and_grads(x, x.clone(), group_size, bandwidth, weight, "triton",
+                                                         reduction="none")
+    assert (loss == 0).all()
+    assert (dx == 0).all() and (dy == 0).all() and (dweight == 0).all()
+    torch.testing.assert_close(dbandwidth, torch.zeros_like(dbandwidth), rtol=0, atol=1e-9)
+
+
+@needs_triton
 @pytest.mark.parametrize("num_groups,num_features", [(6, 33), (2, 3000)])  # unsplit and split D
 def test_triton_refresh_rewrites_only_groups_whose_gradient_differs(num_groups, num_features, device):
     """The backward's device-side test: groups whose upstream gradient is the one the forward
