@@ -94,15 +94,15 @@ def report() -> list[dict]:
 
 
 def _print_table(rows: list[dict]) -> None:
-    header = (f"{'kernel':<14}{'dtype':<6}{'M':>3}{'BLOCK_D':>8}{'warps':>6}{'regs':>5}{'spill B':>8}{'smem KB':>8}"
-              f"{'blk/SM':>7}  loop: instr/elem  shfl  ldg   lds/sts  fp")
-    print(header)
+    print(f"{'kernel':<14} {'dtype':<5} {'M':>2} {'BLOCK_D':>7} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem KB':>7} "
+          f"{'blk/SM':>6}  {'loop':<4} {'instr/el':>8} {'shfl/el':>7} {'ldg/el':>6} {'smem/el':>7} {'fp/el':>6}")
     for r in rows:
         for i, (name, loop) in enumerate(r["loops"].items()):
-            lead = (f"{r['kernel']:<14}{r['dtype']:<6}{r['M']:>3}{r['BLOCK_D']:>8}{r['num_warps']:>6}{r['registers']:>5}"
-                    f"{r['stack_bytes']:>8}{r['shared_bytes'] / 1024:>8.1f}{r['blocks_per_sm']:>7}") if i == 0 else " " * 65
-            print(f"{lead}  {name:<5}{loop['instructions']:>10.2f}{loop['shuffles']:>6.2f}{loop['global_loads']:>6.2f}"
-                  f"{loop['shared']:>9.2f}{loop['fp32'] + loop['fp64']:>6.2f}")
+            lead = (f"{r['kernel']:<14} {r['dtype']:<5} {r['M']:>2} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
+                    f"{r['registers']:>4} {r['stack_bytes']:>7} {r['shared_bytes'] / 1024:>7.1f} "
+                    f"{r['blocks_per_sm']:>6}") if i == 0 else " " * 66
+            print(f"{lead}  {name:<4} {loop['instructions']:>8.2f} {loop['shuffles']:>7.2f} {loop['global_loads']:>6.2f} "
+                  f"{loop['shared']:>7.2f} {loop['fp32'] + loop['fp64']:>6.2f}")
 
 
 if __name__ == "__main__":
