@@ -2,9 +2,10 @@
 the reference against float64.
 
 Without a GPU the kernels run in Triton's interpreter (see conftest.py): shapes
-stay small but cover H not a power of two (24, 1152, 10), odd L, the modulation
-as `chunk(6)` views of an (N, 6H) tensor and as stride-0 expansions, and several
-L blocks in the backward (the interpreter's target of 4 programs splits L).
+stay small but cover H not a power of two (24, 1152, 10: a row in two segments;
+22: the second one padded) and a power of two (32: one segment), odd L, the
+modulation as `chunk(6)` views of an (N, 6H) tensor and as stride-0 expansions,
+and several L blocks (the interpreter's target of 4 programs splits L).
 """
 
 import os
@@ -16,7 +17,9 @@ import torch
 
 import imm_kernels
 from imm_kernels import adaln_modulate, adaln_residual_modulate
-from imm_kernels.ops.adaln import MAX_HIDDEN, _rows_per_block, triton_unavailable
+from imm_kernels.ops.adaln import (
+    BACKWARD_PROGRAMS_PER_SM, MAX_HIDDEN, _rows_per_block, _segments, _target_programs, triton_unavailable,
+)
 from imm_kernels.ops.reference import adaln_modulate_reference
 
 from conftest import DEVICE
@@ -65,7 +68,7 @@ def assert_all_close(got, expected, **tol):
 
 @needs_triton
 @pytest.mark.parametrize("op", ["modulate", "residual"])
-@pytest.mark.parametrize("shape", [(2, 5, 24), (1, 13, 24), (2, 3, 1152), (3, 1, 10)])
+@pytest.mark.parametrize("shape", [(2, 5, 24), (1, 13, 24), (2, 3, 1152), (3, 1, 10), (2, 5, 32), (2, 3, 22)])
 def test_triton_matches_reference_fp32(op, shape):
     x, y, modulation = make_inputs(*shape)
     outputs, grads = run(op, x, y, modulation, "triton")
@@ -229,7 +232,7 @@ def test_empty_batch_or_sequence(shape):
 @needs_triton
 def test_backward_is_deterministic():
     """L = 13 in blocks of 4 rows, so dshift/dscale/dgate sum 4 partials; two runs agree bitwise."""
-    assert _rows_per_block(1, 13, torch.device(DEVICE)) == 4
+    assert _rows_per_block(1, 13, _target_programs(torch.device(DEVICE), BACKWARD_PROGRAMS_PER_SM)) == 4
     x, y, modulation = make_inputs(1, 13, 1152)
     _, first = run("residual", x, y, modulation, "triton")
     _, second = run("residual", x, y, modulation, "triton")
@@ -354,11 +357,29 @@ def test_public_exports():
     assert imm_kernels.adaln_residual_modulate is adaln_residual_modulate
 
 
+def test_row_segments_cover_every_width_with_under_a_quarter_padded():
+    """Each row is held as two power-of-two segments: the first never passes H, together they
+    cover it, and under a quarter of their lanes are padding (none at DiT's 384 and 1152)."""
+    for hidden in range(1, MAX_HIDDEN + 1):
+        block_main, block_tail = _segments(hidden)
+        assert block_main & (block_main - 1) == 0 and block_tail & (block_tail - 1) == 0
+        assert block_main <= hidden <= block_main + block_tail
+        assert 1 - hidden / (block_main + block_tail) < 0.25, hidden
+    assert _segments(384) == (256, 128) and _segments(1152) == (1024, 128) and _segments(4096) == (4096, 0)
+
+
+# At most this fraction of a row's lanes may hold no element at the shipped widths; one block
+# of next_power_of_2(H) left 44% idle at H = 1152.
+MAX_MASKED_LANES = 0.25
+
+
 def test_kernels_compile_for_sm90_without_spills():
-    """Every shipped launch configuration compiles for Hopper (ptxas runs here without a GPU);
-    bf16/fp32 at DiT widths keep everything in registers. fp64 (a correctness path) and
-    H = 4096 with the residual backward may spill a little; the timestep kernel's fp64 sin/cos
-    keep a small local array for libdevice's slow argument reduction (|angle| > ~1e5, not IMM's)."""
+    """Every shipped launch configuration compiles for Hopper (ptxas runs here without a GPU).
+    bf16/fp32 keep everything in registers at H = 384, 1152 and 4096; fp64 (a correctness
+    path) may spill a little; the timestep kernel's fp64 sin/cos keep a small local array for
+    libdevice's slow argument reduction (|angle| > ~1e5, not IMM's). No shipped width leaves
+    more than MAX_MASKED_LANES of a row's lanes idle, and at DiT's widths every grid (at
+    N = 64, L = 256 on 132 SMs) fits on the GPU at once."""
     import json
     import pathlib
 
@@ -366,12 +387,18 @@ def test_kernels_compile_for_sm90_without_spills():
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "ptxas_report_adaln.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default until 3.10; set to silence its warning
-    run = subprocess.run([sys.executable, str(script), "--json", "--hidden", "1152"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env,
+                         timeout=1200)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
     assert {r["kernel"] for r in rows} == {"adaln_forward", "adaln_backward", "timestep_embedding"}
-    assert len(rows) == 3 * (1 + 1 + 1 + 2) + 3  # dtypes x (fwd, bwd, fwd residual, bwd residual +- dx_new)
+    # dtypes x widths x (fwd, bwd, fwd residual, bwd residual +- dx_new), + the timestep kernel's 3
+    assert len(rows) == 3 * 3 * (1 + 1 + 1 + 2) + 3
     for row in rows:
-        if row["kernel"] != "timestep_embedding" and row["dtype"] in ("bf16", "fp32"):
+        if row["kernel"] == "timestep_embedding":
+            continue
+        assert row["masked_lanes"] <= MAX_MASKED_LANES, row
+        if row["dtype"] in ("bf16", "fp32"):
             assert row["stack_bytes"] == 0, row
+            if row["H"] <= 1152:
+                assert row["launched_per_sm"] <= row["blocks_per_sm"], row
