@@ -84,32 +84,21 @@ def test_ranks_take_disjoint_whole_group_slices_of_the_global_batch():
         Trainer(config, None, process=ProcessInfo(0, 5), progress=False)
 
 
-def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_torchrun_two_processes_train_and_checkpoint(device, tmp_path):
+    """Two ranks under torchrun; on CUDA also with one GPU, both ranks then on cuda:0 over gloo."""
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
         "-m", "imm_kernels", "train", "--data", "toy2d", "--steps", "4", "--batch", "32", "--width", "16",
-        "--depth", "1", "--device", "cpu", "--out", str(out),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) on cpu" in result.stdout
-    assert (out / CHECKPOINT_DIR / "model.safetensors").is_file()
-    assert (out / "samples" / "step_000004.png").is_file()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_torchrun_two_cuda_processes_train_also_on_one_gpu(tmp_path):
-    out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-        "-m", "imm_kernels", "train", "--data", "toy2d", "--steps", "4", "--batch", "32", "--width", "16",
-        "--depth", "1", "--device", "cuda", "--out", str(out),
+        "--depth", "1", "--device", device, "--out", str(out),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) on cuda:0" in result.stdout
-    if torch.cuda.device_count() == 1:
+    assert f"2 process(es) on {'cuda:0' if device == 'cuda' else 'cpu'}" in result.stdout
+    if device == "cuda" and torch.cuda.device_count() == 1:
         assert "2 ranks share 1 GPU(s) on this node" in result.stderr
     assert (out / CHECKPOINT_DIR / "model.safetensors").is_file()
 
