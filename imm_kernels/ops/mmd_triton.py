@@ -325,7 +325,7 @@ def saved_rows(group_size: int) -> int:
 # threads and a narrow BLOCK_D keeps the element-wise accumulators in registers.
 # `benchmarks/ptxas_report.py` compiles each entry for sm_90 and reports registers,
 # spills, shuffles, instructions per element and occupancy; a test holds the fp32/bf16
-# entries to zero spills (the dx+dy backward at M >= 16 to 16 bytes).
+# kernels of a training step (dx only) to zero spills up to MX = 8.
 _TILE_CONFIG = {
     False: {1: (512, 4), 2: (512, 4), 4: (256, 4), 8: (64, 2), 16: (16, 4), 32: (8, 8)},
     True: {1: (256, 4), 2: (256, 4), 4: (64, 2), 8: (32, 2), 16: (8, 4), 32: (4, 8)},
