@@ -28,7 +28,8 @@ import pytest
 import torch
 
 import imm_kernels
-from imm_kernels.backends import BackendUnavailableError, resolve_mmd_backend
+from imm_kernels import BackendUnavailableError
+from imm_kernels.ops.backends import MMD_AUTO, choose_backend
 from imm_kernels.ops.reference import mmd_loss_cdist, mmd_loss_reference
 from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
@@ -153,7 +154,7 @@ def unavailable(backend: str, x, case: Case) -> str | None:
     if backend not in FUSED_BACKENDS:
         return None
     try:
-        resolve_mmd_backend(backend, x, case.group_size)
+        choose_backend(backend, x.device, MMD_AUTO, dtype=x.dtype, group_size=case.group_size)
     except BackendUnavailableError as err:
         return str(err)
     return None

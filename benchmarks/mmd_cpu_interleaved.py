@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_mmd  # noqa: E402  (the pytest benchmark's inputs and steps, so both time the same calls)
 
 import imm_kernels  # noqa: E402
-from imm_kernels.backends import _C  # noqa: E402
+from imm_kernels.ops.backends import _C  # noqa: E402
 
 
 def main() -> None:

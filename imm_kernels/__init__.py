@@ -4,11 +4,12 @@ Set TRITON_INTERPRET=1 before importing to run the Triton kernels on the CPU.
 """
 
 from . import sampling, schedules
-from .backends import BackendUnavailableError, backends, empty_native_cache
-from .functional import mmd_loss
 from .loss import IMMLoss
 from .ops.adaln import adaln_modulate, adaln_residual_modulate
+from .ops.backends import backends, empty_native_cache
+from .ops.mmd import mmd_loss
 from .ops.timestep import timestep_embedding
+from .ops.utils import BackendUnavailableError
 from .precond import Preconditioner
 
 __version__ = "0.1.0"

@@ -18,13 +18,14 @@ import torch
 import imm_kernels
 from imm_kernels import adaln_modulate, adaln_residual_modulate
 from imm_kernels.ops.adaln import (
-    BACKWARD_PROGRAMS_PER_SM, MAX_HIDDEN, _rows_per_block, _segments, _target_programs, triton_unavailable,
+    BACKWARD_PROGRAMS_PER_SM, MAX_HIDDEN, _rows_per_block, _segments, _target_programs,
 )
+from imm_kernels.ops.backends import TRITON
 from imm_kernels.ops.reference import adaln_modulate_reference
 
 from conftest import DEVICE
 
-TRITON_REASON = triton_unavailable(torch.empty(1, 1, 1, device=DEVICE))
+TRITON_REASON = TRITON.unavailable(torch.device(DEVICE))
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 

@@ -545,16 +545,16 @@ def test_native_large_gradients_reuse_freed_memory_and_never_live_memory():
 @needs_native
 def test_native_backward_uses_the_precomputed_gradient_only_when_it_applies(monkeypatch):
     """`.backward()` of the mean takes dx from the forward; any other upstream gradient recomputes it."""
-    from imm_kernels.ops import mmd as mmd_op
+    from imm_kernels.ops.backends import NATIVE
 
-    kernels = mmd_op._KERNELS["native"]
+    kernels = NATIVE.mmd
     backward_calls = []
 
     def counting_backward(*args):
         backward_calls.append(args)
         return kernels.backward(*args)
 
-    monkeypatch.setitem(mmd_op._KERNELS, "native", kernels._replace(backward=counting_backward))
+    monkeypatch.setattr(NATIVE, "mmd", kernels._replace(backward=counting_backward))
     x, y, bandwidth, weight = make_inputs(4, 6, 33, torch.float64)
     x.requires_grad_(True)
 
@@ -788,6 +788,7 @@ def test_triton_split_grid_sized_from_occupancy():
     from types import SimpleNamespace
 
     from imm_kernels.ops import mmd_triton
+    from imm_kernels.ops.utils import programs_per_sm
 
     class Compiled:  # what triton's compiled kernel offers once its binary is loaded
         n_regs, metadata = 128, SimpleNamespace(shared=16384)
@@ -797,13 +798,13 @@ def test_triton_split_grid_sized_from_occupancy():
 
     hopper = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
                              shared_memory_per_multiprocessor=233472)
-    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 4  # registers: 128 x 128 threads, 4 blocks
+    assert programs_per_sm(Compiled(), 4, hopper) == 4  # registers: 128 x 128 threads, 4 blocks
     Compiled.n_regs = 32
-    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 13  # shared memory: 228 KiB / (16 + 1) KiB
+    assert programs_per_sm(Compiled(), 4, hopper) == 13  # shared memory: 228 KiB / (16 + 1) KiB
     Compiled.metadata = SimpleNamespace(shared=0)
-    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 16  # threads: 2048 / 128
+    assert programs_per_sm(Compiled(), 4, hopper) == 16  # threads: 2048 / 128
     Compiled.n_regs = 40
-    assert mmd_triton._programs_per_sm(Compiled(), 4, hopper) == 12  # registers: 65536 / (40 x 32) = 51 warps
+    assert programs_per_sm(Compiled(), 4, hopper) == 12  # registers: 65536 / (40 x 32) = 51 warps
     # Enough groups to fill the device: no split. Too few: just enough splits (whole blocks each).
     assert mmd_triton._column_split(1024, 4096, 256, resident=132 * 4) == (1, 4096)
     assert mmd_triton._column_split(64, 2**20, 256, resident=132 * 4) == (9, 456 * 256)
@@ -827,10 +828,10 @@ def test_pure_python_install_falls_back_to_the_reference():
     code = (
         "import sys; sys.modules['imm_kernels._C'] = None\n"  # makes `from . import _C` raise ImportError
         "import torch, imm_kernels\n"
-        "from imm_kernels.backends import resolve_mmd_backend\n"
+        "from imm_kernels.ops.backends import MMD_AUTO, choose_backend\n"
         "x = torch.randn(4, 3)\n"
         "print(imm_kernels.backends()['native'])\n"
-        "print(resolve_mmd_backend('auto', x, 2)[0], float(imm_kernels.mmd_loss(x, x + 1, 2)) > 0)\n"
+        "print(choose_backend('auto', x.device, MMD_AUTO, group_size=2).name, float(imm_kernels.mmd_loss(x, x + 1, 2)) > 0)\n"
         "try:\n"
         "    imm_kernels.mmd_loss(x, x, 2, backend='native')\n"
         "except imm_kernels.BackendUnavailableError as err:\n"
@@ -863,15 +864,18 @@ def test_cuda_rejects_too_large_group():
 
 
 def test_auto_picks_by_device():
-    from imm_kernels.backends import resolve_mmd_backend
+    from imm_kernels.ops.backends import MMD_AUTO, choose_backend
+
+    def auto(x, group_size):
+        return choose_backend("auto", x.device, MMD_AUTO, dtype=x.dtype, group_size=group_size).name
 
     x, *_ = make_inputs(2, 1, 4)
     expected_cpu = "native" if REASONS["native"] is None else "torch"
-    assert resolve_mmd_backend("auto", x, 2)[0] == expected_cpu
+    assert auto(x, 2) == expected_cpu
     if torch.cuda.is_available():
         fused_gpu = "triton" if REASONS["triton"] is None else "cuda" if REASONS["cuda"] is None else "torch"
-        assert resolve_mmd_backend("auto", x.cuda(), 2)[0] == fused_gpu
-        assert resolve_mmd_backend("auto", x.cuda(), 33)[0] == "torch"  # beyond every kernel's M limit
+        assert auto(x.cuda(), 2) == fused_gpu
+        assert auto(x.cuda(), 33) == "torch"  # beyond every kernel's M limit
 
 
 @needs_triton

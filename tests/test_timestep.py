@@ -9,11 +9,11 @@ import torch
 import imm_kernels
 from imm_kernels import timestep_embedding
 from imm_kernels.ops.reference import timestep_embedding_reference
-from imm_kernels.ops.triton_support import device_unavailable
+from imm_kernels.ops.backends import TRITON
 
 from conftest import DEVICE
 
-TRITON_REASON = device_unavailable(torch.device(DEVICE))
+TRITON_REASON = TRITON.unavailable(torch.device(DEVICE))
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 FP32_HALF_ULP_AT_1 = 2.0**-24

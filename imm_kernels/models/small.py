@@ -16,15 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.timestep import timestep_embedding
+
 TIME_EMBED_DIM = 64
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """(B,) times → (B, dim) float32 [cos, sin] features at geometric frequencies (DiT's convention)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
+    """(B,) times → (B, dim) float32 [cos, sin] features at geometric frequencies (DiT's convention).
+
+    The library's `timestep_embedding`: its Triton kernel on a GPU; on a CPU its reference (the
+    Triton interpreter would cost ~150 ms a call, and these models are the CPU demo's).
+    """
+    return timestep_embedding(t.float(), dim, max_period, backend="auto" if t.is_cuda else "torch")
 
 
 def _per_sample(times: Tensor, batch: int, name: str) -> Tensor:

@@ -38,8 +38,9 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .reference import adaln_modulate_reference, adaln_residual_modulate_reference, compute_dtype
-from .triton_support import check_backend, device_unavailable, jit, tl, triton, use_triton
+from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, check_backend_name, choose_backend
+from .reference import adaln_modulate_reference, adaln_residual_modulate_reference
+from .utils import compute_dtype, jit, tl, triton
 
 # A row of H is held in registers; wider rows take the reference.
 MAX_HIDDEN = 16384
@@ -519,17 +520,20 @@ def _check_args(x, others: dict, eps, backend) -> None:
         _check_tensor(t, name, shape, x)
     if not isinstance(eps, Real) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    check_backend(backend)
+    check_backend_name(backend, TRITON_BACKEND_NAMES)
 
 
-def triton_unavailable(x: Tensor) -> str | None:
-    """Why the Triton kernels cannot take x, or None when they can."""
-    reason = device_unavailable(x.device)
-    if reason is None and x.shape[-1] > MAX_HIDDEN:
-        reason = f"H={x.shape[-1]} exceeds its one-row-per-program limit of {MAX_HIDDEN}"
-    if reason is None and x.shape[0] > MAX_SAMPLES:
-        reason = f"N={x.shape[0]} exceeds its grid limit of {MAX_SAMPLES}"
-    return reason
+def kernel_limit(x: Tensor) -> str | None:
+    """Why these Triton kernels cannot take x's shape, or None when they can."""
+    if x.shape[-1] > MAX_HIDDEN:
+        return f"H={x.shape[-1]} exceeds its one-row-per-program limit of {MAX_HIDDEN}"
+    if x.shape[0] > MAX_SAMPLES:
+        return f"N={x.shape[0]} exceeds its grid limit of {MAX_SAMPLES}"
+    return None
+
+
+def _uses_reference(backend: str, x: Tensor) -> bool:
+    return choose_backend(backend, x.device, TRITON_AUTO, limit=kernel_limit(x)) is TORCH
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *, backend: str = "auto") -> Tensor:
@@ -547,7 +551,7 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *
         h, (N, L, H) contiguous in x's dtype; differentiable in x, shift and scale.
     """
     _check_args(x, {"shift": shift, "scale": scale}, eps, backend)
-    if not use_triton(backend, triton_unavailable(x)):
+    if _uses_reference(backend, x):
         return adaln_modulate_reference(x, shift, scale, eps)
     return adaln_forward(x, None, None, shift, scale, float(eps))[0]
 
@@ -567,7 +571,7 @@ def adaln_residual_modulate(
         (the backward adds the gradient through h to the one flowing into x_new).
     """
     _check_args(x, {"y": y, "gate": gate, "shift": shift, "scale": scale}, eps, backend)
-    if not use_triton(backend, triton_unavailable(x)):
+    if _uses_reference(backend, x):
         return adaln_residual_modulate_reference(x, y, gate, shift, scale, eps)
     h, x_new, _mean, _rstd = adaln_forward(x, y, gate, shift, scale, float(eps))
     return h, x_new

@@ -1,17 +1,16 @@
-"""Grouped Laplace-kernel MMD: the op every fused backend shares.
+"""Grouped Laplace-kernel MMD, the op whole, in reading order:
 
-Two `torch.library` custom ops (with fake implementations, so they work under
-`torch.compile`) and one autograd formula; a `backend` argument picks the
-kernels: `triton` (ops/mmd_triton.py), `native` (C++ in csrc/, CPU) or `cuda`
-(CUDA C++ in csrc/). Each backend registers an `MMDKernels` here (see
-`imm_kernels.backends`); the op itself knows nothing backend-specific.
+1. `mmd_loss` and its argument checks;
+2. the backend choice (`ops/backends.py` holds one record per backend);
+3. per fused backend, two `torch.library` custom ops (forward, backward) with fake
+   implementations, so they work under `torch.compile`, and one autograd formula;
+4. the kernels they launch: Triton in `ops/mmd_triton.py`, C++ and CUDA C++ in
+   `csrc/` (reached as `imm_kernels._C`); the PyTorch reference in `ops/reference.py`.
 
 Forward: (loss_g, S, MMD^2_g, dMMD^2_g/db) with S_ij = ||z_i - z_j||^2 over each
-group's stacked z = [x_g; y_g]. Only S (a few KB per group) and the two
-per-group scalars are saved; the backward reads x and y once more.
-
-Gradients for bandwidth and weight follow from the saved scalars:
-dL/db_g = w_g dMMD^2_g/db,  dL/dw_g = MMD^2_g.
+group's stacked z = [x_g; y_g]. Only S (a few KB per group) and the two per-group
+scalars are saved; the backward reads x and y once more. Gradients for bandwidth
+and weight follow from the saved scalars: dL/db_g = w_g dMMD^2_g/db, dL/dw_g = MMD^2_g.
 
 A backend may also offer `forward_with_grad`: the forward plus (dx, dy) for the
 upstream gradient a loss's `.backward()` sends (1 into the reduced loss), computed
@@ -21,137 +20,124 @@ only a wasted pass. A GPU backend makes that test on the device (`refresh_grad`
 rewrites, in place, only the groups whose gradient differs): no host sync; CPU
 backends test on the host, which costs nothing there. The path also applies the
 reduction itself, which saves an autograd node per call. Eager mode only; under
-torch.compile the plain op is used.
+torch.compile the plain ops are used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, reduce_groups
+from .backends import BACKEND_NAMES, CUDA, MMD_AUTO, NATIVE, TRITON, Backend, check_backend_name, choose_backend
+from .reference import grouped_mmd_reference
+from .utils import FLOAT_DTYPES, as_per_group, as_rows, compute_dtype, reduce_groups
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# ----------------------------------------------------------------------------
+# Public function and argument checks
+# ----------------------------------------------------------------------------
 
 
-class MMDKernels(NamedTuple):
-    """One backend's kernels; both take (B, D) row views with unit column stride.
+def mmd_loss(
+    x: Tensor,
+    y: Tensor,
+    group_size: int,
+    bandwidth: float | Tensor = 1.0,
+    weight: float | Tensor | None = None,
+    *,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Grouped Laplace-kernel MMD^2 (the V-statistic over all M^2 pairs) between x and y.
 
-    forward(x_rows, y_rows, bandwidth, weight, group_size, eps) -> (loss_g, S, MMD^2_g, dMMD^2_g/db)
-    backward(grad_loss, x_rows, y_rows, S, bandwidth, weight, group_size, eps, need_dx, need_dy)
-        -> (dx, dy), contiguous (B, D), an empty tensor where not asked for
-    saved_rows(group_size) -> the side of the saved (G, rows, rows) S
-    forward_with_grad(x_rows, y_rows, bandwidth, weight, group_size, eps, grad_loss, need_dx, need_dy)
-        -> forward's four outputs, then backward's (dx, dy) for grad_loss; None if not offered
-    refresh_grad(grad_loss, expected, x_rows, y_rows, S, bandwidth, weight, group_size, eps, dx, dy)
-        -> None; rewrites in place the groups of forward_with_grad's (B, D) dx/dy (empty where not
-        computed) whose grad_loss differs from the `expected` one they hold, deciding on the device;
-        None if not offered (the backward then tests on the host)
-    bandwidth, weight and grad_loss arrive as (G,) tensors of the compute dtype;
-    bandwidth and weight contiguous, grad_loss possibly stride-0.
+    Args:
+        x, y: (B, *feature) tensors of one dtype (fp16/bf16/fp32/fp64) and device;
+            groups are consecutive runs of `group_size` rows, D = prod(feature).
+        group_size: M, particles per group; B must be a multiple of it.
+        bandwidth: w~ per group: a float or a (G,) tensor; k(a, b) = exp(-w~ max(|a-b|, eps) / D).
+        weight: None (1), a float or a (G,) tensor multiplying each group's MMD^2.
+        eps: distances below it are clamped, with exactly zero gradient.
+        reduction: "mean" over groups, "sum", or "none" for the (G,) per-group values.
+        backend: "auto", "triton", "native", "cuda" or "torch" (see `imm_kernels.backends()`).
+
+    Returns:
+        weight_g * MMD^2_g reduced as asked, in float32 (float64 for float64 inputs),
+        differentiable in x, y, bandwidth and weight.
     """
-
-    forward: Callable
-    backward: Callable
-    saved_rows: Callable[[int], int]
-    forward_with_grad: Callable | None = None
-    refresh_grad: Callable | None = None
-
-
-_KERNELS: dict[str, MMDKernels] = {}
-
-
-def register_kernels(backend: str, kernels: MMDKernels) -> None:
-    _KERNELS[backend] = kernels
-
-
-def stacked_rows(group_size: int) -> int:
-    """2M: the side of S for backends that save it unpadded."""
-    return 2 * group_size
-
-
-def as_rows(t: Tensor) -> Tensor:
-    """(B, *feature) -> (B, D) with unit column stride; a view whenever possible.
-
-    Any row stride works (chunked views, stride-0 expanded rows); only a
-    non-unit stride inside a sample forces a copy.
-    """
-    rows = t if t.dim() == 2 else t.reshape(t.shape[0], -1)
-    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
-
-
-@torch.library.custom_op("imm_kernels::mmd_forward", mutates_args=())
-def mmd_forward(
-    x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss_g, S, MMD^2_g, dMMD^2_g/db): the last three are saved for the backward."""
-    return _KERNELS[backend].forward(
-        as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps
-    )
-
-
-@mmd_forward.register_fake
-def _(x, y, bandwidth, weight, group_size, eps, backend):
-    num_groups, rows = x.shape[0] // group_size, _KERNELS[backend].saved_rows(group_size)
+    num_groups = _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend)
+    chosen = choose_backend(backend, x.device, MMD_AUTO, dtype=x.dtype, group_size=group_size)
     cdtype = compute_dtype(x.dtype)
-    per_group = [x.new_empty(num_groups, dtype=cdtype) for _ in range(3)]
-    return per_group[0], x.new_empty((num_groups, rows, rows), dtype=cdtype), per_group[1], per_group[2]
+    bandwidth = as_per_group(bandwidth, num_groups, cdtype, x.device)
+    weight = as_per_group(1.0 if weight is None else weight, num_groups, cdtype, x.device)
+    if chosen.mmd is None:
+        return reduce_groups(grouped_mmd_reference(x, y, int(group_size), bandwidth, weight, float(eps)), reduction)
+    # Fused backends reduce themselves, and may compute dx up front for what `loss.backward()` sends.
+    return _FUSED[chosen](x, y, int(group_size), bandwidth, weight, float(eps), reduction)
 
 
-@torch.library.custom_op("imm_kernels::mmd_backward", mutates_args=())
-def mmd_backward(
-    grad_loss: Tensor, x: Tensor, y: Tensor, sqdist: Tensor, bandwidth: Tensor, weight: Tensor,
-    group_size: int, eps: float, need_dx: bool, need_dy: bool, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """-> (dx, dy) shaped like x and y; an empty tensor stands for a gradient not asked for."""
-    dx, dy = _KERNELS[backend].backward(
-        grad_loss.to(sqdist.dtype), as_rows(x), as_rows(y), sqdist, bandwidth.contiguous(), weight.contiguous(),
-        group_size, eps, need_dx, need_dy,
-    )
-    return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
+def _check_per_group(value, name: str, num_groups: int, device: torch.device, *, non_negative: bool) -> None:
+    """A float, or a floating 0-dim / (G,) tensor on x's device.
+
+    Only Python numbers have their sign checked: reading a tensor's values would
+    sync with the device (and break CUDA-graph capture).
+    """
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but x is on {device}")
+        if value.shape not in (torch.Size([]), torch.Size([num_groups])):
+            raise ValueError(
+                f"{name} must be a float or a tensor of shape ({num_groups},) (one per group), "
+                f"got shape {tuple(value.shape)}"
+            )
+    elif isinstance(value, Real) and not isinstance(value, bool):
+        if non_negative and value < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}")
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
 
-@mmd_backward.register_fake
-def _(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy, backend):
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
-    dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
-    return dx, dy
+def _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend) -> int:
+    """Raises TypeError/ValueError naming the bad argument; returns the number of groups."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}; they must match")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}; they must be on one device")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    if x.dim() == 0 or x.numel() == 0:  # (numel, not x[0]: no view op on every call)
+        raise ValueError(f"x must be (B, *feature) with B >= 1 and at least one feature, got {tuple(x.shape)}")
+    if not isinstance(group_size, Integral) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if x.shape[0] % group_size != 0:
+        raise ValueError(f"the batch size {x.shape[0]} of x is not divisible by group_size={group_size}")
+    num_groups = x.shape[0] // group_size
+    _check_per_group(bandwidth, "bandwidth", num_groups, x.device, non_negative=True)
+    if weight is not None:
+        _check_per_group(weight, "weight", num_groups, x.device, non_negative=False)
+    if not isinstance(eps, Real) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_backend_name(backend, BACKEND_NAMES)
+    return num_groups
 
 
-def _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db):
-    """The gradients mmd_forward returns, x and y's already computed."""
-    need_dx, need_dy, need_db, need_dw = ctx.needs_input_grad[:4]
-    return (
-        dx if need_dx else None,
-        dy if need_dy else None,
-        grad_loss * weight * dmmd_db if need_db else None,
-        grad_loss * mmd2 if need_dw else None,
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, bandwidth, weight, group_size, eps, backend = inputs
-    _, sqdist, mmd2, dmmd_db = output
-    ctx.mark_non_differentiable(sqdist, mmd2, dmmd_db)
-    ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
-    ctx.group_size, ctx.eps, ctx.backend = group_size, eps, backend
-
-
-def _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db):
-    """The gradients mmd_forward returns, dx and dy computed from x, y and the saved S."""
-    need_dx, need_dy = ctx.needs_input_grad[:2]
-    dx, dy = mmd_backward(
-        grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy, ctx.backend
-    )
-    return _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
-
-
-def _backward(ctx, grad_loss, *_grads_of_saved_outputs):
-    return (*_recomputed_grads(ctx, grad_loss, *ctx.saved_tensors), None, None, None)
-
-
-mmd_forward.register_autograd(_backward, setup_context=_setup_context)
+# ----------------------------------------------------------------------------
+# Custom ops and autograd, one pair of ops per fused backend
+# ----------------------------------------------------------------------------
 
 
 def _per_group_grad(grad_out: Tensor, num_groups: int, reduction: str) -> Tensor:
@@ -167,27 +153,112 @@ def _flat(grad: Tensor) -> Tensor:
     return grad.view(grad.shape[0], -1) if grad.numel() else grad
 
 
-class _MMDWithGrad(torch.autograd.Function):
-    """mmd_forward, reduced, whose forward also computes (dx, dy) for an upstream gradient of 1.
+def _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db):
+    """The gradients of (x, y, bandwidth, weight), x and y's already computed."""
+    need_dx, need_dy, need_db, need_dw = ctx.needs_input_grad[:4]
+    return (
+        dx if need_dx else None,
+        dy if need_dy else None,
+        grad_loss * weight * dmmd_db if need_db else None,
+        grad_loss * mmd2 if need_dw else None,
+    )
 
-    Eager mode only (grouped_mmd never takes it while compiling), so a plain autograd
+
+class FusedMMD:
+    """One fused backend's MMD: its custom ops `imm_kernels::mmd_{forward,backward}_<name>`,
+    their fake implementations and autograd, and the forward-with-gradient path.
+
+    The ops read `backend.mmd` when they run, so the kernels are the record's.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        kernels = lambda: backend.mmd  # noqa: E731 (read at call time)
+
+        def forward(
+            x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """-> (loss_g, S, MMD^2_g, dMMD^2_g/db): the last three are saved for the backward."""
+            return kernels().forward(as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(),
+                                     group_size, eps)
+
+        def forward_fake(x, y, bandwidth, weight, group_size, eps):
+            num_groups, rows = x.shape[0] // group_size, kernels().saved_rows(group_size)
+            cdtype = compute_dtype(x.dtype)
+            per_group = [x.new_empty(num_groups, dtype=cdtype) for _ in range(3)]
+            return per_group[0], x.new_empty((num_groups, rows, rows), dtype=cdtype), per_group[1], per_group[2]
+
+        def backward(
+            grad_loss: Tensor, x: Tensor, y: Tensor, sqdist: Tensor, bandwidth: Tensor, weight: Tensor,
+            group_size: int, eps: float, need_dx: bool, need_dy: bool,
+        ) -> tuple[Tensor, Tensor]:
+            """-> (dx, dy) shaped like x and y; an empty tensor stands for a gradient not asked for."""
+            dx, dy = kernels().backward(
+                grad_loss.to(sqdist.dtype), as_rows(x), as_rows(y), sqdist, bandwidth.contiguous(),
+                weight.contiguous(), group_size, eps, need_dx, need_dy,
+            )
+            return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
+
+        def backward_fake(grad_loss, x, y, sqdist, bandwidth, weight, group_size, eps, need_dx, need_dy):
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+            dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
+            return dx, dy
+
+        self.forward_op = torch.library.custom_op(f"imm_kernels::mmd_forward_{backend.name}", forward,
+                                                  mutates_args=())
+        self.forward_op.register_fake(forward_fake)
+        self.backward_op = torch.library.custom_op(f"imm_kernels::mmd_backward_{backend.name}", backward,
+                                                   mutates_args=())
+        self.backward_op.register_fake(backward_fake)
+        self.forward_op.register_autograd(self._backward, setup_context=self._setup_context)
+
+    def __call__(self, x, y, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float, reduction: str):
+        """weight_g * MMD^2_g per group, reduced as asked ("none": (G,))."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+        if needs_grad and self.backend.mmd.forward_with_grad is not None and not torch.compiler.is_compiling():
+            return _MMDWithGrad.apply(x, y, bandwidth, weight, group_size, eps, reduction, self)
+        return reduce_groups(self.forward_op(x, y, bandwidth, weight, group_size, eps)[0], reduction)
+
+    @staticmethod
+    def _setup_context(ctx, inputs, output):
+        x, y, bandwidth, weight, group_size, eps = inputs
+        _, sqdist, mmd2, dmmd_db = output
+        ctx.mark_non_differentiable(sqdist, mmd2, dmmd_db)
+        ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
+        ctx.group_size, ctx.eps = group_size, eps
+
+    def _backward(self, ctx, grad_loss, *_grads_of_saved_outputs):
+        return (*self.recomputed_grads(ctx, grad_loss, *ctx.saved_tensors), None, None)
+
+    def recomputed_grads(self, ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db):
+        """The gradients of (x, y, bandwidth, weight), dx and dy computed from x, y and the saved S."""
+        need_dx, need_dy = ctx.needs_input_grad[:2]
+        dx, dy = self.backward_op(grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx,
+                                  need_dy)
+        return _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
+
+
+class _MMDWithGrad(torch.autograd.Function):
+    """The forward op, reduced, whose forward also computes (dx, dy) for an upstream gradient of 1.
+
+    Eager mode only (FusedMMD never takes it while compiling), so a plain autograd
     Function: it skips the custom-op dispatch, a large share of the call at small sizes.
     """
 
     @staticmethod
-    def forward(ctx, x, y, bandwidth, weight, group_size, eps, reduction, backend):
+    def forward(ctx, x, y, bandwidth, weight, group_size, eps, reduction, fused):
         need_dx, need_dy = ctx.needs_input_grad[:2]
         num_groups = bandwidth.shape[0]
         # What each group's loss receives when the reduced loss receives 1.
         ones = torch.ones((num_groups,) if reduction == "none" else (), dtype=bandwidth.dtype, device=bandwidth.device)
         expected = _per_group_grad(ones, num_groups, reduction)
-        loss, sqdist, mmd2, dmmd_db, dx, dy = _KERNELS[backend].forward_with_grad(
+        loss, sqdist, mmd2, dmmd_db, dx, dy = fused.backend.mmd.forward_with_grad(
             as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps,
             expected, need_dx, need_dy,
         )
         dx, dy = (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
         ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
-        ctx.group_size, ctx.eps, ctx.reduction, ctx.backend = group_size, eps, reduction, backend
+        ctx.group_size, ctx.eps, ctx.reduction, ctx.fused = group_size, eps, reduction, fused
         ctx.expected, ctx.grads_returned = expected, False
         return reduce_groups(loss, reduction)
 
@@ -195,11 +266,12 @@ class _MMDWithGrad(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
         num_groups = bandwidth.shape[0]
-        refresh_grad = _KERNELS[ctx.backend].refresh_grad
+        fused = ctx.fused
+        refresh_grad = fused.backend.mmd.refresh_grad
         if refresh_grad is not None:
             grad_loss = _per_group_grad(grad_out, num_groups, ctx.reduction)
             if ctx.grads_returned:  # a second backward (retain_graph): never overwrite what the first returned
-                grads = _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
+                grads = fused.recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
             else:
                 refresh_grad(grad_loss.to(sqdist.dtype), ctx.expected, as_rows(x), as_rows(y), sqdist, bandwidth,
                              weight, ctx.group_size, ctx.eps, _flat(dx), _flat(dy))
@@ -217,16 +289,9 @@ class _MMDWithGrad(torch.autograd.Function):
         if precomputed:
             grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
         else:  # not the precomputed upstream gradient: compute dx and dy from x and y
-            grads = _recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
+            grads = fused.recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
         return (*grads, None, None, None, None)
 
 
-def grouped_mmd(
-    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float, *, backend: str,
-    reduction: str = "none",
-) -> Tensor:
-    """weight_g * MMD^2_g per group through `backend`'s kernels, reduced as asked ("none": (G,))."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    if needs_grad and _KERNELS[backend].forward_with_grad is not None and not torch.compiler.is_compiling():
-        return _MMDWithGrad.apply(x, y, bandwidth, weight, group_size, float(eps), reduction, backend)
-    return reduce_groups(mmd_forward(x, y, bandwidth, weight, group_size, float(eps), backend)[0], reduction)
+# The custom ops of every fused backend this installation has (registered once, at import).
+_FUSED = {backend: FusedMMD(backend) for backend in (TRITON, NATIVE, CUDA) if backend.mmd is not None}

@@ -42,7 +42,6 @@ comes from the compiled kernel's registers and shared memory (its occupancy).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -50,12 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .mmd import MMDKernels
-from .reference import compute_dtype
-
-MAX_GROUP_SIZE = 32
-# Triton decides at decoration time whether kernels run in its CPU interpreter.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .utils import compute_dtype, resident_programs
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -340,37 +334,6 @@ def _tile_config(group_size: int, num_features: int, dtype: torch.dtype) -> tupl
     return min(block_d, max(32 * num_warps, triton.next_power_of_2(num_features))), num_warps
 
 
-# Programs the GPU holds at once, per (device, kernel variant): from the compiled kernel.
-_RESIDENT_PROGRAMS: dict[tuple, int] = {}
-
-
-def _programs_per_sm(compiled, num_warps: int, props) -> int:
-    """Occupancy of a compiled kernel: its blocks resident per SM (registers, threads, shared memory)."""
-    compiled._init_handles()  # loads the binary, which sets n_regs
-    registers_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # allocated in units of 256
-    by_registers = getattr(props, "regs_per_multiprocessor", 65536) // registers_per_warp // num_warps
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
-    # Each block also takes 1 KiB of shared memory reserved by the system (sm_80 and later).
-    by_shared = getattr(props, "shared_memory_per_multiprocessor", 233472) // (compiled.metadata.shared + 1024)
-    return max(1, min(by_registers, by_threads, by_shared))
-
-
-def resident_programs(kernel, device: torch.device, args: tuple, constexprs: dict, num_warps: int) -> int:
-    """How many programs of `kernel`, launched with these arguments, fill the device once.
-
-    On CUDA it compiles the kernel (without launching) and reads its occupancy; in the
-    interpreter it is small, so that CPU tests exercise the split path too.
-    """
-    if device.type != "cuda":
-        return 4
-    key = (device.index, kernel.fn.__name__, args[0].dtype, num_warps, tuple(sorted(constexprs.items())))
-    if key not in _RESIDENT_PROGRAMS:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
-        props = torch.cuda.get_device_properties(device)
-        _RESIDENT_PROGRAMS[key] = props.multi_processor_count * _programs_per_sm(compiled, num_warps, props)
-    return _RESIDENT_PROGRAMS[key]
-
-
 def _column_split(num_groups: int, num_features: int, block_d: int, resident: int) -> tuple[int, int]:
     """(number of splits, columns per split), a whole number of blocks per split."""
     num_blocks = triton.cdiv(num_features, block_d)
@@ -481,6 +444,3 @@ def mmd_refresh_grad_triton(grad_loss, expected, x_rows, y_rows, sqdist, bandwid
         _launch_backward(plan, grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy,
                          need_dx, need_dy)
 
-
-KERNELS = MMDKernels(mmd_forward_triton, mmd_backward_triton, saved_rows, mmd_forward_with_grad_triton,
-                     mmd_refresh_grad_triton)

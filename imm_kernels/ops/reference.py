@@ -16,41 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .utils import as_per_group, compute_dtype, reduce_groups
+
 __all__ = [
-    "compute_dtype",
     "laplace_distance",
     "grouped_mmd_reference",
     "mmd_loss_reference",
     "grouped_mmd_cdist",
     "mmd_loss_cdist",
-    "reduce_groups",
-    "as_per_group",
     "adaln_modulate_reference",
     "adaln_residual_modulate_reference",
     "timestep_embedding_reference",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def as_per_group(value, num_groups: int, dtype: torch.dtype, device) -> Tensor:
-    """A float or a 0-dim / (G,) tensor as a (G,) tensor of `dtype`, keeping autograd."""
-    if isinstance(value, Tensor):
-        if value.dtype == dtype and value.shape == (num_groups,) and value.device == device:
-            return value  # already so: skip two dispatches, a visible share of a small call
-        return value.to(device=device, dtype=dtype).expand(num_groups)
-    return torch.full((num_groups,), float(value), dtype=dtype, device=device)
-
-
-def reduce_groups(per_group: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_group.mean()
-    if reduction == "sum":
-        return per_group.sum()
-    return per_group
 
 
 def laplace_distance(sqdist: Tensor, eps: float) -> Tensor:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, check_backend_name, choose_backend
 from .reference import timestep_embedding_reference
-from .triton_support import check_backend, device_unavailable, jit, tl, triton, use_triton
+from .utils import jit, tl, triton
 
 # ----------------------------------------------------------------------------
 # Triton kernel
@@ -134,7 +135,7 @@ def _check_args(t, dim, max_period, backend) -> None:
         raise ValueError(f"dim must be >= 1, got {dim}")
     if not isinstance(max_period, Real) or isinstance(max_period, bool) or not 0 < max_period < math.inf:
         raise ValueError(f"max_period must be a positive finite number, got {max_period!r}")
-    check_backend(backend)
+    check_backend_name(backend, TRITON_BACKEND_NAMES)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, *, backend: str = "auto") -> Tensor:
@@ -152,6 +153,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, *, backen
         differentiable in t.
     """
     _check_args(t, dim, max_period, backend)
-    if not use_triton(backend, device_unavailable(t.device)):
+    if choose_backend(backend, t.device, TRITON_AUTO) is TORCH:
         return timestep_embedding_reference(t, int(dim), float(max_period))
     return timestep_embedding_op(t, int(dim), float(max_period))
