@@ -23,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-FIRST_CONTACT_TESTS=(tests/test_mmd.py tests/test_mmd_cuda_finalize.py tests/test_adaln.py tests/test_timestep.py tests/test_sampling.py tests/test_dit.py)
+FIRST_CONTACT_TESTS=(tests/ops tests/sampling/test_sampling.py tests/models/test_dit.py)
 HEADLINE_SCRIPT=benchmarks/first_contact.py
 BENCH_SUPPORT=(benchmarks/conftest.py benchmarks/timing.py)
 TEST_TIMEOUT_S=150  # per test, where pytest-timeout is installed: one hung test cannot take the stage
@@ -116,7 +116,7 @@ limited() { local seconds=$1; shift; timeout --foreground -s INT -k 30 "$seconds
 check_files() {  # every file the stage runs must be there; a dry run checks nothing else first
     local missing=0 file
     for file in "$@"; do
-        if [ ! -f "$file" ]; then echo "missing: $file" >&2; missing=1; fi
+        if [ ! -e "$file" ]; then echo "missing: $file" >&2; missing=1; fi
     done
     return "$missing"
 }

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKEND_NAMES
-from .functional import mmd_loss
+from .ops.backends import BACKEND_NAMES
+from .ops.mmd import mmd_loss
 from .precond import Preconditioner
 from .schedules import Time, float64_eval
+from .validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_number,
+    check_positive_int,
+    check_probability,
+    check_time_range,
+)
 
 __all__ = ["IMMLoss"]
 
@@ -57,32 +63,18 @@ class IMMLoss(nn.Module):
         super().__init__()
         self.net = net
         _unwrap(net)  # fails early with a clear error
-        if not isinstance(group_size, Integral) or isinstance(group_size, bool) or group_size < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-        if not isinstance(k, Integral) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"k must be a non-negative int, got {k!r}")
-        for name, value in (("a", a), ("b", b)):
-            if not isinstance(value, Real) or isinstance(value, bool):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        eps = self.precond.eps if eps is None else eps
-        T = self.precond.T if T is None else T
-        if not (isinstance(eps, Real) and isinstance(T, Real) and 0 <= eps < T < 1):
-            raise ValueError(f"the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps={eps}, T={T}")
-        if not (isinstance(label_dropout, Real) and 0 <= label_dropout <= 1):
-            raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout!r}")
-        if label_dropout > 0 and self.precond.label_dim == 0:
+        self.group_size = check_positive_int("group_size", group_size)
+        self.k = check_nonnegative_int("k", k)
+        self.a = check_number("a", a)
+        self.b = check_number("b", b)
+        self.eps, self.T = check_time_range(
+            self.precond.eps if eps is None else eps, self.precond.T if T is None else T, finite_eta=True
+        )
+        self.label_dropout = check_probability("label_dropout", label_dropout)
+        if self.label_dropout > 0 and self.precond.label_dim == 0:
             raise ValueError("label_dropout > 0 needs a conditional net (label_dim > 0)")
-        self.group_size = int(group_size)
-        self.k = int(k)
-        self.a = float(a)
-        self.b = float(b)
-        self.eps = float(eps)
-        self.T = float(T)
-        self.label_dropout = float(label_dropout)
         self.target_fp32 = bool(target_fp32)
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_choice("backend", backend, BACKEND_NAMES)
 
     @property
     def precond(self) -> Preconditioner:
@@ -170,14 +162,18 @@ class IMMLoss(nn.Module):
             target = self.net(x_r, r_p, s_p, labels, force_fp32=self.target_fp32)
 
         weight = self.time_weight(t64)
-        weighted_mmd = mmd_loss(
-            student, target, self.group_size, self.kernel_bandwidth(s64, t64), weight,
+        # The loss is the mean of w(t_g) MMD²_g, summed as terms weighted w(t_g) / G: each term then
+        # receives a gradient of 1 from .backward(), the one for which the fused kernels compute dx
+        # in the forward (a .mean() would send 1/G, and that dx would be computed again).
+        terms = mmd_loss(
+            student, target, self.group_size, self.kernel_bandwidth(s64, t64), weight / num_groups,
             reduction="none", backend=self.backend,
         )
         stats = {
-            "s": s, "r": r, "t": t, "time_weight": weight.to(weighted_mmd.dtype), "weighted_mmd": weighted_mmd.detach()
+            "s": s, "r": r, "t": t, "time_weight": weight.to(terms.dtype),
+            "weighted_mmd": terms.detach() * num_groups,
         }
-        return weighted_mmd.mean(), stats
+        return terms.sum(), stats
 
     def _per_particle(self, per_group: Tensor, x: Tensor) -> Tensor:
         """(G,) -> (B, 1, ..., 1) in x's dtype: each group's value for each of its particles."""

@@ -10,7 +10,6 @@ f_{s,s}(x) = x exactly.
 from __future__ import annotations
 
 import contextlib
-from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -18,18 +17,23 @@ from torch import Tensor, nn
 from . import schedules
 from .ops.reference import compute_dtype
 from .schedules import Time, float64_eval
+from .validation import check_choice, check_nonnegative_int, check_number, check_positive, check_time_range
 
-__all__ = ["Preconditioner", "PARAMS", "TIME_EMBEDS", "MIXED_PRECISIONS"]
+__all__ = ["Preconditioner", "PARAMS", "TIME_EMBEDS", "MIXED_PRECISIONS", "check_parameterisation"]
 
 PARAMS = ("euler_fm", "simple_edm", "identity")
 TIME_EMBEDS = ("identity", "stride")
 MIXED_PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _check_real(value, name: str) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
+def check_parameterisation(schedule: str, param: str, time_embed: str) -> schedules.Schedule:
+    """The schedule called `schedule`, once `param` and `time_embed` are known to be valid with it."""
+    chosen = schedules.get(schedule)
+    check_choice("param", param, PARAMS)
+    if param == "euler_fm" and chosen is not schedules.fm:
+        raise ValueError(f"param='euler_fm' needs schedule='fm', got schedule={schedule!r}")
+    check_choice("time_embed", time_embed, TIME_EMBEDS)
+    return chosen
 
 
 class Preconditioner(nn.Module):
@@ -64,36 +68,15 @@ class Preconditioner(nn.Module):
         super().__init__()
         if not callable(backbone):
             raise TypeError(f"backbone must be callable (an nn.Module), got {type(backbone).__name__}")
-        self.schedule = schedules.get(schedule)
-        if param not in PARAMS:
-            raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
-        if param == "euler_fm" and self.schedule is not schedules.fm:
-            raise ValueError(f"param='euler_fm' needs schedule='fm', got schedule={schedule!r}")
-        if time_embed not in TIME_EMBEDS:
-            raise ValueError(f"time_embed must be one of {TIME_EMBEDS}, got {time_embed!r}")
-        sigma_data = _check_real(sigma_data, "sigma_data")
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
-        T, eps = _check_real(T, "T"), _check_real(eps, "eps")
-        if not 0 <= eps < T <= 1:
-            raise ValueError(f"the times must satisfy 0 <= eps < T <= 1, got eps={eps}, T={T}")
-        if not isinstance(label_dim, Integral) or isinstance(label_dim, bool) or label_dim < 0:
-            raise ValueError(f"label_dim must be a non-negative int, got {label_dim!r}")
-        time_scale = _check_real(time_scale, "time_scale")
-        if not time_scale > 0:
-            raise ValueError(f"time_scale must be positive, got {time_scale}")
-        if mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {tuple(MIXED_PRECISIONS)}, got {mixed_precision!r}")
-
+        self.schedule = check_parameterisation(schedule, param, time_embed)
         self.backbone = backbone
         self.param = param
         self.time_embed = time_embed
-        self.sigma_data = sigma_data
-        self.T = T
-        self.eps = eps
-        self.label_dim = int(label_dim)
-        self.time_scale = time_scale
-        self.mixed_precision = mixed_precision
+        self.sigma_data = check_positive("sigma_data", sigma_data)
+        self.eps, self.T = check_time_range(eps, T)
+        self.label_dim = check_nonnegative_int("label_dim", label_dim)
+        self.time_scale = check_positive("time_scale", time_scale)
+        self.mixed_precision = check_choice("mixed_precision", mixed_precision, tuple(MIXED_PRECISIONS))
 
     # Coefficients: float64 inside, returned in the dtype of t (see schedules.float64_eval).
 
@@ -184,7 +167,7 @@ class Preconditioner(nn.Module):
     def _per_sample(value: Time, name: str, batch_size: int, like: Tensor) -> Tensor:
         """A float, 0-dim or (B,) tensor as a (B,) float64 tensor on like's device."""
         if not isinstance(value, Tensor):
-            return torch.full((batch_size,), _check_real(value, name), dtype=torch.float64, device=like.device)
+            return torch.full((batch_size,), check_number(name, value), dtype=torch.float64, device=like.device)
         if value.shape not in (torch.Size([]), torch.Size([batch_size])):
             raise ValueError(
                 f"{name} must be a number or a tensor of shape () or ({batch_size},), got {tuple(value.shape)}"

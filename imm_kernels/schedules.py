@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .validation import check_choice
+
 __all__ = ["Schedule", "FlowMatching", "VPCosine", "fm", "vp_cosine", "get", "SCHEDULE_NAMES", "float64_eval"]
 
 Time = float | Tensor
@@ -150,6 +152,4 @@ SCHEDULE_NAMES = tuple(_SCHEDULES)
 
 def get(name: str) -> Schedule:
     """The schedule called `name` ("fm" or "vp_cosine")."""
-    if not isinstance(name, str) or name not in _SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {name!r}")
-    return _SCHEDULES[name]
+    return _SCHEDULES[check_choice("schedule", name, SCHEDULE_NAMES)]

@@ -6,6 +6,7 @@ before anything imports imm_kernels.
 
 import fnmatch
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,40 +15,45 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE  # noqa: E402
 
 # Tests that check nothing GPU-specific: the CPU backend, CLI plumbing, compile reports (ptxas/nvcc
 # need no GPU), CPU benchmark scripts. They get the `cpu_only` marker, which the GPU test stage of
 # benchmarks/run_gpu.sh deselects (-m "not cpu_only") so that a short GPU session spends its minutes
-# on the GPU. Test function names (fnmatch patterns) per file, kept here so the test files need no
-# edit; tests/test_run_gpu_script.py checks that every pattern still names a test.
+# on the GPU. Test function names (fnmatch patterns) per file (its path under tests/), kept here so the
+# test files need no edit; tests/test_run_gpu_script.py checks that every pattern still names a test.
 CPU_ONLY_TESTS = {
-    "test_mmd.py": (  # not test_native_needs_cpu_tensors_and_cuda_explains_itself: it checks CUDA tensors
+    "ops/test_mmd_determinism.py": (
         "test_native_bitwise_equal_for_any_thread_count",
         "test_native_forward_with_grad_equals_forward_then_backward",
+    ),
+    "ops/test_mmd_backends.py": (
         "test_native_large_gradients_reuse_freed_memory_and_never_live_memory",
         "test_native_backward_uses_the_precomputed_gradient_only_when_it_applies",
         "test_native_batch_beyond_int32_elements",
         "test_native_extension_guards_its_own_inputs",
-        "test_pure_python_install_falls_back_to_the_reference",
-        "test_*for_sm90*",  # the ptxas and nvcc compile reports
         "test_interleaved_cpu_benchmark_runs",
     ),
-    "test_adaln.py": (
+    # not test_native_needs_cpu_tensors_and_cuda_explains_itself: it checks CUDA tensors
+    "ops/test_mmd_errors.py": ("test_pure_python_install_falls_back_to_the_reference",),
+    "ops/test_mmd_compile.py": ("test_*for_sm90*",),  # the ptxas and nvcc compile reports
+    "ops/test_adaln.py": (
         "test_*for_sm90*",
         "test_cpu_without_interpreter_uses_the_reference",
     ),
-    "test_sampling.py": (
+    "sampling/test_sampling.py": (
         "test_cli_*",
         "test_graphed_sampler_on_cpu_is_the_eager_sampler",
     ),
 }
-CPU_ONLY_BACKENDS = ("native",)  # a GPU test's cases on a CPU-only backend
+CPU_ONLY_BACKENDS = ("native",)
+TESTS_DIR = Path(__file__).parent  # a GPU test's cases on a CPU-only backend
 
 
 def is_cpu_only(item) -> bool:
     name = getattr(item, "originalname", item.name)  # the function's name, without parameters
-    if any(fnmatch.fnmatchcase(name, pattern) for pattern in CPU_ONLY_TESTS.get(item.path.name, ())):
+    path = item.path.relative_to(TESTS_DIR).as_posix()
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in CPU_ONLY_TESTS.get(path, ())):
         return True
     params = getattr(getattr(item, "callspec", None), "params", {})
     return params.get("backend") in CPU_ONLY_BACKENDS
@@ -61,9 +67,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def device() -> str:
-    return DEVICE
-
+def device(request) -> str:
+    """The device a test runs on; with a `backend` parameter, that backend's: native is
+    CPU-only, cuda CUDA-only."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    return {"native": "cpu", "cuda": "cuda"}.get(backend, DEVICE)
 
 
 @pytest.fixture
@@ -74,21 +83,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_cli(capsys, *argv):
-    """Runs `imm-kernels ARGV` in this process; returns what it printed (capsys.readouterr())."""
-    from imm_kernels.cli import main
-
-    main(list(argv))
-    return capsys.readouterr()
-
-
-def cli_fails(capsys, *argv) -> str:
-    """Runs `imm-kernels ARGV`, which must exit with status 2 (a bad argument); returns its stderr."""
-    from imm_kernels.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import imm_kernels
 from imm_kernels import IMMLoss, Preconditioner
 
 SIGMA_D = 0.5
@@ -247,6 +248,33 @@ def test_only_the_student_pass_records_gradients():
     loss, _ = IMMLoss(Preconditioner(backbone), backend="torch")(torch.randn(8, 6))
     assert [call["grad"] for call in backbone.calls] == [True, False]
     assert loss.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_backward_takes_the_gradient_the_fused_forward_computed(backend, monkeypatch):
+    """The loss's .backward() sends each group's term the upstream gradient the fused forward
+    computed dx for: the backward never computes it again (3 passes over the outputs, not 5)."""
+    from imm_kernels.ops.backends import BACKENDS
+
+    chosen = BACKENDS[backend]
+    if imm_kernels.backends()[backend] is not None:
+        pytest.skip(f"{backend} unavailable: {imm_kernels.backends()[backend]}")
+    recomputed, refreshed = [], []
+
+    def counting_backward(*args):
+        recomputed.append(args)
+        return kernels.backward(*args)
+
+    def checking_refresh(grad_loss, expected, *args):
+        refreshed.append(torch.equal(grad_loss, expected.expand_as(grad_loss)))
+        return kernels.refresh_grad(grad_loss, expected, *args)
+
+    kernels = chosen.mmd
+    monkeypatch.setattr(chosen, "mmd", kernels._replace(
+        backward=counting_backward, refresh_grad=kernels.refresh_grad and checking_refresh))
+    loss, _ = IMMLoss(Preconditioner(RecordingBackbone()), backend=backend)(torch.randn(16, 6))
+    loss.backward()
+    assert recomputed == [] and all(refreshed)
 
 
 @pytest.mark.parametrize("target_fp32, target_dtype", [(True, torch.float32), (False, torch.bfloat16)])

@@ -23,7 +23,7 @@ from conftest import CPU_ONLY_TESTS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "run_gpu.sh"
-FIRST_CONTACT_TESTS = ("test_mmd.py", "test_mmd_cuda_finalize.py", "test_adaln.py", "test_timestep.py", "test_sampling.py", "test_dit.py")
+FIRST_CONTACT_TESTS = ("ops", "sampling/test_sampling.py", "models/test_dit.py")
 
 
 def dry_run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def test_first_contact_dry_run_shows_build_tests_and_headline_rows(tmp_path):
     assert "IMM_KERNELS_CUDA_ARCHS=90 python3 setup.py build_ext --inplace" in text
     assert all(f"tests/{name}" in text for name in FIRST_CONTACT_TESTS)
     assert "-m not\\ cpu_only" in text
-    assert "left out, marked cpu_only" in text and "tests/test_mmd.py::test_native_" in text
+    assert "left out, marked cpu_only" in text and "tests/ops/test_mmd_backends.py::test_native_" in text
     assert "python3 benchmarks/first_contact.py --out" in text
     for row in ("mmd fwd+bwd 4096x4x4096 bfloat16", "mmd fwd+bwd 64x4x1048576 float32", "imm_kernels[cuda]",
                 "adaln_residual fwd+bwd 64x256x1152 bfloat16", "DiT-XL/2 8 steps cfg 1.5 B=16"):
@@ -96,7 +96,7 @@ STAGE_FILES = [
 
 @pytest.mark.parametrize("stage, missing", [
     (["first-contact"], "benchmarks/first_contact.py"),
-    (["first-contact"], "tests/test_dit.py"),
+    (["first-contact"], "tests/models/test_dit.py"),
     (["tests"], "tests/conftest.py"),
     (["bench-full", "9"], "benchmarks/bench_sampling.py"),
     (["bench-full"], "benchmarks/bench_adaln.py"),

@@ -38,7 +38,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, check_backend_name, choose_backend
+from ..validation import check_choice
+from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, choose_backend
 from .reference import adaln_modulate_reference, adaln_residual_modulate_reference
 from .utils import compute_dtype, jit, tl, triton
 
@@ -520,7 +521,7 @@ def _check_args(x, others: dict, eps, backend) -> None:
         _check_tensor(t, name, shape, x)
     if not isinstance(eps, Real) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    check_backend_name(backend, TRITON_BACKEND_NAMES)
+    check_choice("backend", backend, TRITON_BACKEND_NAMES)
 
 
 def kernel_limit(x: Tensor) -> str | None:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..validation import check_choice
 from .utils import FLOAT_DTYPES, INTERPRETING, TRITON_MISSING, BackendUnavailableError
 
 
@@ -135,11 +136,6 @@ TRITON_BACKEND_NAMES = ("auto", "triton", "torch")  # what the adaLN and timeste
 # What "auto" tries first, per device type, for each family of ops (then torch).
 MMD_AUTO = {"cuda": (TRITON, CUDA), "cpu": (NATIVE,)}
 TRITON_AUTO = {"cuda": (TRITON,), "cpu": (TRITON,)}
-
-
-def check_backend_name(backend, names: tuple[str, ...]) -> None:
-    if backend not in names:
-        raise ValueError(f"backend must be one of {names}, got {backend!r}")
 
 
 def choose_backend(backend: str, device: torch.device, auto: dict[str, tuple[Backend, ...]], *,

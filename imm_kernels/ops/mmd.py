@@ -30,7 +30,8 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_NAMES, CUDA, MMD_AUTO, NATIVE, TRITON, Backend, check_backend_name, choose_backend
+from ..validation import check_choice
+from .backends import BACKEND_NAMES, CUDA, MMD_AUTO, NATIVE, TRITON, Backend, choose_backend
 from .reference import grouped_mmd_reference
 from .utils import FLOAT_DTYPES, as_per_group, as_rows, compute_dtype, reduce_groups
 
@@ -131,7 +132,7 @@ def _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_backend_name(backend, BACKEND_NAMES)
+    check_choice("backend", backend, BACKEND_NAMES)
     return num_groups
 
 

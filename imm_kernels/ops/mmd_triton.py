@@ -313,9 +313,9 @@ def saved_rows(group_size: int) -> int:
     return 2 * half_rows(group_size)
 
 
-# (BLOCK_D, num_warps) per MX, for 4-byte and 8-byte compute. Up to MX = 8, BLOCK_D
-# is a multiple of the thread count (32 * num_warps), so a column's rows sit in one
-# thread (see the module docstring); beyond that the (MX, MX) pairs spread over the
+# (BLOCK_D, num_warps) per MX, for 4-byte and 8-byte compute. Up to MX = 8 (fp64: 4),
+# BLOCK_D is a multiple of the thread count (32 * num_warps), so a column's rows sit in
+# one thread (see the module docstring); beyond that the (MX, MX) pairs spread over the
 # threads and a narrow BLOCK_D keeps the element-wise accumulators in registers.
 # `benchmarks/ptxas_report.py` compiles each entry for sm_90 and reports registers,
 # spills, shuffles, instructions per element and occupancy; a test holds the fp32/bf16

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, check_backend_name, choose_backend
+from ..validation import check_choice
+from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, choose_backend
 from .reference import timestep_embedding_reference
 from .utils import jit, tl, triton
 
@@ -135,7 +136,7 @@ def _check_args(t, dim, max_period, backend) -> None:
         raise ValueError(f"dim must be >= 1, got {dim}")
     if not isinstance(max_period, Real) or isinstance(max_period, bool) or not 0 < max_period < math.inf:
         raise ValueError(f"max_period must be a positive finite number, got {max_period!r}")
-    check_backend_name(backend, TRITON_BACKEND_NAMES)
+    check_choice("backend", backend, TRITON_BACKEND_NAMES)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, *, backend: str = "auto") -> Tensor:

@@ -12,7 +12,7 @@ prior noise.
 
 Replay runs exactly the kernels the eager sampler runs, on the same values, so
 it equals the eager sampler bit for bit (warm-up runs on a side stream before
-the capture, so Triton kernels are compiled and autotuned by then).
+the capture, so Triton kernels are compiled, and grids sized, by then).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
+from ..validation import check_choice
 from .samplers import (
     SAMPLERS,
     check_dtype,
@@ -119,8 +120,7 @@ class GraphedSampler:
             if label_dim_of(net) == 0:
                 raise ValueError("cfg_scale needs a conditional model (label_dim > 0); use cfg_scale=None")
             cfg_scale = float(cfg_scale)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_choice("sampler", sampler, SAMPLERS)
         self.net = net
         self.cfg_scale = cfg_scale
         self.dtype = check_dtype(dtype)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_choice
 from .graphs import GraphedSampler
 from .samplers import one_hot_labels, pushforward, pushforward_loop
 
@@ -132,13 +133,11 @@ def bench_net(model: str, device: torch.device | str, precision: str | None = No
     """
     from ..precond import Preconditioner
 
-    if model not in BENCH_MODELS:
-        raise ValueError(f"model must be one of {BENCH_MODELS}, got {model!r}")
+    check_choice("model", model, BENCH_MODELS)
     device = torch.device(device)
     if precision is None:
         precision = "bf16" if device.type == "cuda" and model != "tiny" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if model == "tiny":

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
 from .. import schedules
+from ..validation import check_choice, check_positive, check_positive_int, check_time_range
 
 __all__ = ["time_grid", "pushforward", "restart", "GRID_KINDS", "SAMPLERS", "STATE_DTYPES"]
 
@@ -27,12 +28,6 @@ EDM_RHO = 7.0
 
 
 # Time grids.
-
-
-def _check_time(value, name: str) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
 
 
 def time_grid(
@@ -55,13 +50,9 @@ def time_grid(
             between eta(eps) and eta(T)), e.g. CIFAR-10's 2-step grid mid_eta=[1.4].
     The endpoints are exactly T and eps.
     """
-    if kind not in GRID_KINDS:
-        raise ValueError(f"kind must be one of {GRID_KINDS}, got {kind!r}")
-    if not isinstance(steps, Integral) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    T, eps = _check_time(T, "T"), _check_time(eps, "eps")
-    if not 0 <= eps < T <= 1:
-        raise ValueError(f"the times must satisfy 0 <= eps < T <= 1, got eps={eps}, T={T}")
+    check_choice("kind", kind, GRID_KINDS)
+    steps = check_positive_int("steps", steps)
+    eps, T = check_time_range(eps, T)
     sched = schedules.get(schedule)
     if kind != "eta" and mid_eta is not None:
         raise ValueError(f"mid_eta is only used with kind='eta', got kind={kind!r}")
@@ -73,9 +64,7 @@ def time_grid(
     if not math.isfinite(eta_max):
         raise ValueError(f"kind={kind!r} needs a finite eta(T); T={T} gives eta(T)={eta_max} for schedule {schedule!r}")
     if kind == "edm":
-        rho = _check_time(rho, "rho")
-        if not rho > 0:
-            raise ValueError(f"rho must be positive, got {rho}")
+        rho = check_positive("rho", rho)
         fraction = torch.arange(1, steps, dtype=torch.float64) / steps
         mid = (eta_max ** (1 / rho) + fraction * (eta_min ** (1 / rho) - eta_max ** (1 / rho))) ** rho
     else:

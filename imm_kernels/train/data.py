@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..validation import check_choice
+
 SPLITS = ("train", "test", "all")
 TOY2D_KINDS = ("checkerboard", "8gaussians")
 BUILTIN_DATASETS = ("digits", "toy2d", *TOY2D_KINDS)
@@ -73,8 +75,7 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
     seed: draws the toy2d samples; the split of finite data does not depend on it.
     options: toy2d takes toy= and num_samples= (before the split, default 10000).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
     name = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and name in BUILTIN_DATASETS:
         if name == "digits":
@@ -130,8 +131,7 @@ def _load_digits() -> Dataset:
 
 def _sample_toy2d(*, seed: int, toy: str = "checkerboard", num_samples: int = 10000) -> Dataset:
     """A 2-D toy with unit standard deviation per coordinate."""
-    if toy not in TOY2D_KINDS:
-        raise ValueError(f"toy must be one of {TOY2D_KINDS}, got {toy!r}")
+    check_choice("toy", toy, TOY2D_KINDS)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     gen = torch.Generator().manual_seed(seed)

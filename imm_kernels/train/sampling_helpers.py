@@ -7,7 +7,6 @@ linspace(T, eps, num_steps + 1), which is what the trainer and `imm-kernels eval
 from __future__ import annotations
 
 import os
-from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor
 
 from ..precond import Preconditioner
 from ..sampling import pushforward, time_grid
+from ..validation import check_positive_int
 from .data import save_image_grid, save_scatter_plot
 
 SAMPLE_STEPS = (1, 2, 4, 8)
@@ -31,9 +31,7 @@ def pushforward_sample(
     eval mode (no dropout). cfg_scale != 1 applies classifier-free guidance (needs a
     conditional net and class_labels).
     """
-    if not isinstance(num_steps, Integral) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    grid = time_grid("uniform", num_steps, net.T, net.eps)
+    grid = time_grid("uniform", check_positive_int("num_steps", num_steps), net.T, net.eps)
     state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32  # the net's output dtype
     return pushforward(net, noise, grid, class_labels, None if cfg_scale == 1.0 else cfg_scale, dtype=state_dtype)
 

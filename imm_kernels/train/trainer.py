@@ -34,7 +34,6 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +41,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import __version__, schedules
-from ..backends import BACKEND_NAMES
+from .. import __version__
 from ..loss import IMMLoss
 from ..models import ConvBackbone, MLPBackbone
-from ..precond import PARAMS, TIME_EMBEDS, Preconditioner
+from ..ops.backends import BACKEND_NAMES
+from ..precond import Preconditioner, check_parameterisation
+from ..validation import (
+    check_choice,
+    check_finite,
+    check_nonnegative_int,
+    check_positive_int,
+    check_probability,
+    check_rate,
+    check_time_range,
+)
 from .data import Dataset, load_dataset
 from .sampling_helpers import save_points_scatter, save_steps_grid
 
@@ -62,6 +70,8 @@ __all__ = [
 
 MIXED_PRECISION_CHOICES = ("auto", "none", "bf16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# The config fields a resumed run may change (Trainer.resume, `imm-kernels train --resume`).
+RESUMABLE_FIELDS = ("steps", "sample_every", "ckpt_every", "log_every")
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
@@ -91,8 +101,9 @@ class TrainConfig:
     schedule, param, time_embed, T, eps: the model of DESIGN §1 (`Preconditioner`).
     sigma_data: sigma_d; None takes the standard deviation of the training data, so the
         prior N(0, sigma_d²) has the data's scale (8×8 digits in [-1, 1]: about 0.75, not
-        the 0.5 of CIFAR-10 pixels). Scaling the data by a factor c and sigma_d by c gives
-        the same model and loss, so this equals rescaling the data to sigma_d = 0.5.
+        the 0.5 of CIFAR-10 pixels). For euler_fm and simple_edm, scaling the data and
+        sigma_d by one factor c gives the same model and loss, so this equals rescaling the data
+        to sigma_d = 0.5 (identity's coefficients do not involve sigma_d: not there).
     k, a, b: IMMLoss's r-step exponent, time-weight exponent and log-SNR shift.
     width, depth: model size; None takes the default for the data (conv 64 × 3, MLP 256 × 3).
     dropout: backbone dropout (conv backbone only).
@@ -140,64 +151,37 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a data set name or a path, got {self.data!r}")
-        _check_int(self.steps, "steps", 0)
-        _check_int(self.batch, "batch", 1)
-        _check_int(self.group_size, "group_size", 1)
+        check_nonnegative_int("steps", self.steps)
+        check_positive_int("batch", self.batch)
+        check_positive_int("group_size", self.group_size)
         if self.batch % self.group_size:
             raise ValueError(f"batch={self.batch} is not divisible by group_size={self.group_size}")
-        _check_number(self.lr, "lr", positive=True)
-        _check_int(self.warmup, "warmup", 0)
-        _check_number(self.weight_decay, "weight_decay")
-        _check_number(self.grad_clip, "grad_clip")
-        if not (isinstance(self.ema_decay, Real) and 0 <= self.ema_decay < 1):
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        schedule = schedules.get(self.schedule)
-        if self.param not in PARAMS:
-            raise ValueError(f"param must be one of {PARAMS}, got {self.param!r}")
-        if self.param == "euler_fm" and schedule is not schedules.fm:
-            raise ValueError(f"param='euler_fm' needs schedule='fm', got schedule={self.schedule!r}")
-        if self.time_embed not in TIME_EMBEDS:
-            raise ValueError(f"time_embed must be one of {TIME_EMBEDS}, got {self.time_embed!r}")
+        check_finite("lr", self.lr, positive=True)
+        check_nonnegative_int("warmup", self.warmup)
+        check_finite("weight_decay", self.weight_decay, nonnegative=True)
+        check_finite("grad_clip", self.grad_clip, nonnegative=True)
+        check_rate("ema_decay", self.ema_decay)
+        check_parameterisation(self.schedule, self.param, self.time_embed)
         if self.sigma_data is not None:
-            _check_number(self.sigma_data, "sigma_data", positive=True)
-        if not (isinstance(self.T, Real) and isinstance(self.eps, Real) and 0 <= self.eps < self.T < 1):
-            raise ValueError(f"the times must satisfy 0 <= eps < T < 1, got eps={self.eps!r}, T={self.T!r}")
-        _check_int(self.k, "k", 0)
-        _check_number(self.a, "a", nonnegative=False)
-        _check_number(self.b, "b", nonnegative=False)
+            check_finite("sigma_data", self.sigma_data, positive=True)
+        # check_finite first: a T or eps that is no number is a ValueError here, as for every other field.
+        check_time_range(check_finite("eps", self.eps), check_finite("T", self.T), finite_eta=True)
+        check_nonnegative_int("k", self.k)
+        check_finite("a", self.a)
+        check_finite("b", self.b)
         for name in ("width", "depth"):
             if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name, 1)
-        if not (isinstance(self.dropout, Real) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+                check_positive_int(name, getattr(self, name))
+        check_rate("dropout", self.dropout)
         if not isinstance(self.conditional, bool):
             raise TypeError(f"conditional must be a bool, got {self.conditional!r}")
-        if not (isinstance(self.label_dropout, Real) and 0 <= self.label_dropout <= 1):
-            raise ValueError(f"label_dropout must be a probability in [0, 1], got {self.label_dropout!r}")
-        _check_int(self.seed, "seed", 0)
-        _check_int(self.sample_every, "sample_every", 0)
-        _check_int(self.ckpt_every, "ckpt_every", 0)
-        _check_int(self.log_every, "log_every", 1)
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
-        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
-        if self.device not in DEVICE_CHOICES:
-            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
-
-
-def _check_int(value, name: str, low: int) -> None:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def _check_number(value, name: str, *, positive: bool = False, nonnegative: bool = True) -> None:
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        check_probability("label_dropout", self.label_dropout)
+        for name in ("seed", "sample_every", "ckpt_every"):
+            check_nonnegative_int(name, getattr(self, name))
+        check_positive_int("log_every", self.log_every)
+        check_choice("backend", self.backend, BACKEND_NAMES)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
+        check_choice("device", self.device, DEVICE_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -598,12 +582,12 @@ class Trainer:
         """A trainer continuing a checkpoint (a run directory or its checkpoint folder).
 
         out_dir: where to write; None continues in the checkpoint's run directory.
-        overrides: config fields that may change on resume: steps, sample_every, ckpt_every, log_every.
+        overrides: config fields that may change on resume (RESUMABLE_FIELDS): steps, sample_every,
+            ckpt_every, log_every.
         """
-        resumable = {"steps", "sample_every", "ckpt_every", "log_every"}
-        unknown = sorted(set(overrides) - resumable)
+        unknown = sorted(set(overrides) - set(RESUMABLE_FIELDS))
         if unknown:
-            raise ValueError(f"only {sorted(resumable)} can change on resume, got {unknown}")
+            raise ValueError(f"only {sorted(RESUMABLE_FIELDS)} can change on resume, got {unknown}")
         directory = find_checkpoint(checkpoint)
         config = dataclasses.replace(load_run_config(directory)[0], **overrides)
         out_dir = directory.parent if out_dir is None else out_dir

@@ -15,7 +15,7 @@ from imm_kernels.models.small import ConvBackbone, MLPBackbone
 from imm_kernels.sampling import GraphedSampler, pushforward, restart, time_grid
 from imm_kernels.sampling.graphs import WARMUP_RUNS
 
-from conftest import cli_fails, run_cli
+from helpers import cli_fails, run_cli
 
 SIGMA_D = 0.5
 LABEL_DIM = 4

@@ -23,7 +23,7 @@ from imm_kernels.ops.adaln import (
 from imm_kernels.ops.backends import TRITON
 from imm_kernels.ops.reference import adaln_modulate_reference
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 TRITON_REASON = TRITON.unavailable(torch.device(DEVICE))
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")
@@ -385,7 +385,7 @@ def test_kernels_compile_for_sm90_without_spills():
     import pathlib
 
     pytest.importorskip("triton.backends.nvidia")
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "ptxas_report_adaln.py"
+    script = pathlib.Path(__file__).parents[2] / "benchmarks" / "ptxas_report_adaln.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default until 3.10; set to silence its warning
     run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env,

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import cli_fails, run_cli
+from helpers import cli_fails, run_cli
 
 TINY = ["--batch", "32", "--width", "16", "--depth", "1"]
 
@@ -93,3 +93,56 @@ def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys
                  if line.startswith(("untrained", "trained"))}
     assert eval_rows == {name: values for name, values in demo_rows.items() if name in eval_rows}
     assert len(eval_rows) == 5
+
+
+def _options(command: str) -> dict:
+    """The options of one subcommand's parser, by flag."""
+    from imm_kernels.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command")
+    return {flag: action for action in subcommands.choices[command]._actions for flag in action.option_strings}
+
+
+def test_every_choice_list_is_the_constant_the_code_checks_against():
+    from imm_kernels.ops.backends import BACKEND_NAMES
+    from imm_kernels.precond import PARAMS, TIME_EMBEDS
+    from imm_kernels.sampling import GRID_KINDS, SAMPLERS
+    from imm_kernels.sampling.latency import BENCH_MODELS, PRECISIONS
+    from imm_kernels.schedules import SCHEDULE_NAMES
+    from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES
+
+    expected = {
+        "train": {"--schedule": SCHEDULE_NAMES, "--param": PARAMS, "--time-embed": TIME_EMBEDS,
+                  "--backend": BACKEND_NAMES, "--mixed-precision": MIXED_PRECISION_CHOICES, "--device": DEVICE_CHOICES},
+        "sample": {"--sampler": SAMPLERS, "--grid": GRID_KINDS, "--device": DEVICE_CHOICES},
+        "bench-sampling": {"--model": BENCH_MODELS, "--precision": PRECISIONS},
+    }
+    for command in ("demo", "train", "eval", "sample", "bench-sampling", "report"):
+        choices = {flag: action.choices for flag, action in _options(command).items() if action.choices is not None}
+        assert choices.keys() == expected.get(command, {}).keys(), command
+        assert all(choices[flag] is constant for flag, constant in expected.get(command, {}).items()), command
+
+
+def test_resume_takes_the_fields_the_trainer_lets_change():
+    from imm_kernels.train.trainer import RESUMABLE_FIELDS, TrainConfig
+
+    train_options = {action.dest for action in _options("train").values()}
+    assert set(RESUMABLE_FIELDS) <= train_options and set(RESUMABLE_FIELDS) <= set(TrainConfig.__dataclass_fields__)
+
+
+def test_report_lists_the_backends_and_times_the_auto_choice(capsys):
+    import torch
+
+    from imm_kernels.ops.backends import MMD_AUTO, backends, choose_backend
+
+    printed = run_cli(capsys, "report", "--repeats", "1", "--no-compile").out
+    for backend, reason in backends().items():
+        assert f"  {backend:<8} {'available' if reason is None else 'unavailable: ' + reason}" in printed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = choose_backend("auto", device, MMD_AUTO, dtype=dtype, group_size=4).name
+    assert "eager reference" in printed
+    if auto == "torch":  # the auto row would time the eager reference again
+        assert "mmd_loss (auto" not in printed
+    else:
+        assert f"mmd_loss (auto -> {auto})" in printed

@@ -1,7 +1,7 @@
 """The CUDA forward's per-group finalisation, run on the CPU.
 
 csrc/mmd_cuda_finalize.h holds the finalisation's indexing and order of additions as
-host-and-device functions; tests/mmd_cuda_finalize_host.cpp runs them for the 32 lanes
+host-and-device functions; tests/ops/mmd_cuda_finalize_host.cpp runs them for the 32 lanes
 of a warp in turn and adds the lane sums in the shuffle tree's order (built here with
 g++, loaded with ctypes). Without a GPU this checks which entries of S each lane reads,
 the split order, the eps and NaN semantics, and the sums against the native backend and
@@ -21,7 +21,7 @@ import torch
 import imm_kernels
 from imm_kernels.ops.reference import laplace_distance
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -40,7 +40,7 @@ def host_finalize(tmp_path_factory):
     library = tmp_path_factory.mktemp("finalize") / "mmd_cuda_finalize_host.so"
     command = [
         compiler, "-std=c++17", "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-w", f"-I{ROOT / 'csrc'}",
-        *(f"-I{path}" for path in include_paths()), str(ROOT / "tests" / "mmd_cuda_finalize_host.cpp"),
+        *(f"-I{path}" for path in include_paths()), str(ROOT / "tests" / "ops" / "mmd_cuda_finalize_host.cpp"),
         "-o", str(library),
     ]
     run = subprocess.run(command, capture_output=True, text=True)

@@ -11,7 +11,7 @@ from imm_kernels import timestep_embedding
 from imm_kernels.ops.reference import timestep_embedding_reference
 from imm_kernels.ops.backends import TRITON
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 TRITON_REASON = TRITON.unavailable(torch.device(DEVICE))
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")

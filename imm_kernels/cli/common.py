@@ -1,0 +1,34 @@
+"""What the subcommands share: how a setup error ends a command, and comma-separated count options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+# Errors a bad configuration, data set or checkpoint path raises while a run is set up.
+SETUP_ERRORS = (ValueError, TypeError, OSError)
+
+
+def fail(command: str, err: Exception) -> None:
+    """Ends the command with the setup error's message and exit status 2, no traceback."""
+    print(f"imm-kernels {command}: error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def comma_separated_counts(what: str, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for comma-separated ints >= 1, such as `example`; `what` names them in the error."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            counts = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            counts = ()
+        if not counts or min(counts) < 1:
+            raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}")
+        return counts
+
+    return parse
+
+
+parse_step_counts = comma_separated_counts("step counts", "1,2,4,8")

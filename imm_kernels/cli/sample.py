@@ -1,0 +1,122 @@
+"""`imm-kernels sample`: few-step samples of a checkpoint as one PNG (CUDA-graph replay on a GPU)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..sampling import GRID_KINDS, SAMPLERS, GraphedSampler, time_grid
+from ..train.trainer import DEVICE_CHOICES
+from .common import SETUP_ERRORS, fail, parse_step_counts
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("sample", help="few-step samples of a checkpoint as one PNG, a row per step count")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint folder")
+    parser.add_argument("--steps", type=parse_step_counts, default=(1, 2, 4, 8),
+                        help="comma-separated step counts, one row each, same noise (default: 1,2,4,8)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance scale (conditional checkpoints; default: no guidance)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="samples per step count (default: 16 images, 1000 points for 2-D data)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="pushforward", help="(default: %(default)s)")
+    parser.add_argument("--grid", choices=GRID_KINDS, default="uniform",
+                        help="time grid: uniform in t, edm (rho=7 in eta) or eta (--mid-eta) (default: %(default)s)")
+    parser.add_argument("--mid-eta", type=_float_list, default=None, metavar="ETA[,ETA...]",
+                        help="intermediate eta values for --grid eta, e.g. 1.4 for 2 steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="auto: CUDA when available (default: %(default)s)")
+    parser.add_argument("--out", required=True,
+                        help="PNG to write (a .npy array for vector data other than 2-D points)")
+    parser.set_defaults(run=run)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1.4 or 10,1.4, got {text!r}") from None
+
+
+def _sample_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here")
+    return torch.device(name)
+
+
+def _side_by_side(panels: list[Path], out: Path) -> Path:
+    """The PNG panels joined left to right, 8 white pixels apart, as one PNG."""
+    from PIL import Image
+
+    images = [Image.open(panel) for panel in panels]
+    gap = 8
+    width = sum(image.width for image in images) + gap * (len(images) - 1)
+    joined = Image.new("L", (width, max(image.height for image in images)), 255)
+    left = 0
+    for image in images:
+        joined.paste(image.convert("L"), (left, 0))
+        left += image.width + gap
+    joined.save(out, format="PNG")
+    return out
+
+
+def run(args) -> None:
+    import tempfile
+
+    import numpy as np
+
+    from ..train.data import save_image_grid, save_scatter_plot
+    from ..train.evaluation import load_ema_net
+    from ..train.sampling_helpers import SCATTER_EXTENT, balanced_labels, prior_noise
+
+    out = Path(args.out)
+    try:
+        net, config, data_info = load_ema_net(args.checkpoint)
+        if args.cfg_scale is not None and not net.label_dim:
+            raise ValueError("--cfg-scale needs a conditional checkpoint (trained with --conditional)")
+        if args.mid_eta is not None and (args.grid != "eta" or len(args.steps) != 1):
+            raise ValueError("--mid-eta needs --grid eta and a single step count in --steps")
+        if args.grid == "eta" and args.mid_eta is None:
+            raise ValueError("--grid eta needs --mid-eta (the steps - 1 intermediate eta values)")
+        is_points = data_info.kind == "vector" and data_info.shape == (2,)
+        batch = args.batch if args.batch is not None else (1000 if is_points else 16)
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        if data_info.kind == "vector" and not is_points and out.suffix != ".npy":
+            raise ValueError(f"--out must end in .npy for {data_info.shape} vectors (an array of samples), got {out}")
+        grids = {n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=config.schedule)
+                 for n in args.steps}
+        device = _sample_device(args.device)
+    except SETUP_ERRORS as err:
+        fail("sample", err)
+
+    net = net.to(device)
+    noise = prior_noise(net, batch, data_info.shape, args.seed)
+    labels = balanced_labels(net, batch)
+    rows = []
+    for num_steps, grid in grids.items():
+        sampler = GraphedSampler(net, batch, grid, args.cfg_scale, sampler=args.sampler,
+                                 sample_shape=data_info.shape)
+        generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # restart's fresh noise
+        rows.append(sampler(noise, labels, generator=generator).float().cpu())
+    mode = "CUDA graph" if device.type == "cuda" else "eager, CPU"
+    print(f"sampled {batch} x steps {','.join(map(str, grids))} ({args.sampler}, {args.grid} grid, "
+          f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if data_info.kind == "image":
+        save_image_grid(torch.cat(rows), out, nrow=batch)
+    elif is_points:
+        with tempfile.TemporaryDirectory() as tmp:
+            panels = [save_scatter_plot(points, Path(tmp) / f"{n}.png", extent=SCATTER_EXTENT)
+                      for n, points in zip(grids, rows)]
+            _side_by_side(panels, out)
+    else:
+        np.save(out, torch.stack(rows).numpy())
+    layout = "one row per step count" if data_info.kind == "image" else (
+        "one panel per step count, left to right" if is_points else "array (step counts, batch, *shape)")
+    print(f"samples: {out} ({layout})")

@@ -1,0 +1,93 @@
+"""What several test files share: the device, backend parameters and skips, MMD inputs and
+gradients, and running the `imm-kernels` command in-process. (Fixtures and collection hooks
+live in conftest.py, which also sets TRITON_INTERPRET before anything imports Triton.)"""
+
+import math
+
+import pytest
+import torch
+
+import imm_kernels
+from imm_kernels import mmd_loss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------
+# MMD backends and inputs
+# ----------------------------------------------------------------------------
+
+REASONS = imm_kernels.backends()
+
+
+def _needs(backend):
+    reason = REASONS[backend]
+    return pytest.mark.skipif(reason is not None, reason=f"{backend} unavailable: {reason}")
+
+
+needs_triton, needs_native, needs_cuda = _needs("triton"), _needs("native"), _needs("cuda")
+
+
+KERNEL_BACKENDS = [
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("native", marks=needs_native),
+    pytest.param("cuda", marks=needs_cuda),
+]
+
+
+ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+
+
+CUDA_MAX_GROUP_SIZE = 8
+
+
+def skip_beyond_cuda_limit(backend, group_size):
+    if backend == "cuda" and group_size > CUDA_MAX_GROUP_SIZE:
+        pytest.skip(f"the cuda backend takes group_size <= {CUDA_MAX_GROUP_SIZE}")
+
+
+def make_inputs(group_size, num_groups, num_features, dtype=torch.float32, device="cpu", seed=0):
+    """x ~ N(0, 1), y ~ N(0.3, 0.8^2) and per-group bandwidths that keep k in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = group_size * num_groups
+    x = torch.randn(batch, num_features, generator=gen, dtype=torch.float64)
+    y = 0.8 * torch.randn(batch, num_features, generator=gen, dtype=torch.float64) + 0.3
+    # Typical distance ~ sqrt(2D): bandwidth ~ sqrt(D) puts b*d/D near 1.
+    bandwidth = math.sqrt(num_features) * (0.3 + 1.2 * torch.rand(num_groups, generator=gen, dtype=torch.float64))
+    weight = 0.5 + torch.rand(num_groups, generator=gen, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (x, y)] + [t.to(device) for t in (bandwidth, weight)]
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="mean", **kw):
+    """The loss and its gradients in x, y, bandwidth, weight (all four require grad)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, y, bandwidth, weight)]
+    loss = mmd_loss(leaves[0], leaves[1], group_size, leaves[2], leaves[3], reduction=reduction, backend=backend, **kw)
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    return loss.detach(), [g.detach() for g in grads]
+
+
+# ----------------------------------------------------------------------------
+# The imm-kernels command, in this process
+# ----------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    """Runs `imm-kernels ARGV` in this process; returns what it printed (capsys.readouterr())."""
+    from imm_kernels.cli import main
+
+    main(list(argv))
+    return capsys.readouterr()
+
+
+def cli_fails(capsys, *argv) -> str:
+    """Runs `imm-kernels ARGV`, which must exit with status 2 (a bad argument); returns its stderr."""
+    from imm_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
