@@ -1,4 +1,4 @@
-"""IMMLoss: one Inductive Moment Matching training objective, steps 1-7 of DESIGN §1."""
+"""IMMLoss: one Inductive Moment Matching training objective, the steps of docs/design.md §1.3."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class IMMLoss(nn.Module):
             for both passes, so the wrapper syncs the gradients.
         group_size: M, particles per group sharing (s, r, t); 1 is the consistency-model-style baseline.
         k: r is one 1/2^k step of the eta range below t.
-        a, b: time-weight exponent and log-SNR shift (DESIGN §1 step 6).
+        a, b: time-weight exponent and log-SNR shift (docs/design.md §1.3 step 6).
         eps, T: the time range; None takes the net's. 0 <= eps < T < 1.
         label_dropout: probability of replacing a sample's label by the null label (CFG training).
         target_fp32: run the target pass's backbone without autocast.
@@ -102,7 +102,7 @@ class IMMLoss(nn.Module):
         return s.float(), r.float(), t.float()
 
     def kernel_bandwidth(self, s: Time, t: Time) -> Time:
-        """w~(s,t) of the net's parameterisation (DESIGN §1 step 4)."""
+        """w~(s,t) of the net's parameterisation (docs/design.md §1.3 step 4)."""
         return self.precond.kernel_bandwidth(s, t)
 
     def time_weight(self, t: Time) -> Time:

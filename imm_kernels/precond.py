@@ -1,4 +1,4 @@
-"""The IMM model f_{s,t}(x_t) around any backbone G(x, c_noise_t, c_noise_s, class_labels) (DESIGN §1).
+"""The IMM model f_{s,t}(x_t) around any backbone G(x, c_noise_t, c_noise_s, class_labels) (docs/design.md §1.2).
 
     f_{s,t}(x_t) = c_skip(s,t)·x_t + c_out(s,t)·G(c_in(t)·x_t, scale·t, scale·s or scale·(t - s), labels)
 
@@ -91,7 +91,7 @@ class Preconditioner(nn.Module):
         return float64_eval(lambda t64, s64: self._skip_out(s64, t64)[1], t, s)
 
     def kernel_bandwidth(self, s: Time, t: Time) -> Time:
-        """The MMD bandwidth w~(s,t) = 1/|c_out(s,t)| (DESIGN §1 step 4).
+        """The MMD bandwidth w~(s,t) = 1/|c_out(s,t)| (docs/design.md §1.3 step 4).
 
         Where s == t it is 1 instead of infinite: both MMD sides are then x_t, so MMD² is
         0 for any bandwidth, and an infinite one would only turn its zero gradient into NaN.

@@ -1,4 +1,4 @@
-"""IMMLoss against an independent transcription of DESIGN §1 steps 1-7."""
+"""IMMLoss against an independent transcription of docs/design.md §1.3."""
 
 import math
 

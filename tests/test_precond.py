@@ -1,4 +1,4 @@
-"""Preconditioner: f_{s,t} of DESIGN §1 against hand formulas, around a tiny recording backbone."""
+"""Preconditioner: f_{s,t} of docs/design.md §1.2 against hand formulas, around a tiny recording backbone."""
 
 import math
 
@@ -40,7 +40,7 @@ class TinyBackbone(nn.Module):
 
 
 def hand_coefficients(schedule: str, param: str, s: float, t: float) -> dict[str, float]:
-    """c_in, c_skip, c_out and the kernel bandwidth of DESIGN §1, with the math module."""
+    """c_in, c_skip, c_out and the kernel bandwidth of docs/design.md §1.2-1.3, with the math module."""
     if schedule == "fm":
         alpha_s, sigma_s, alpha_t, sigma_t = 1 - s, s, 1 - t, t
     else:

@@ -1,4 +1,4 @@
-"""imm_kernels.schedules against float64 hand computations with the math module (DESIGN §1)."""
+"""imm_kernels.schedules against float64 hand computations with the math module (docs/design.md §1)."""
 
 import math
 

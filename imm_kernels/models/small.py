@@ -1,6 +1,6 @@
 """Small IMM backbones that train on a CPU in minutes: an MLP for 2-D toys, a conv net for 8×8 digits.
 
-Both have the backbone signature of DESIGN §1, G(x, c_noise_t, c_noise_s, class_labels):
+Both have the backbone signature of docs/design.md §1.2, G(x, c_noise_t, c_noise_s, class_labels):
 c_noise_t, c_noise_s are per-sample (B,) times already scaled by 1000; class_labels
 is None or a one-hot float (B, label_dim), all zeros meaning unconditional (the
 null class of classifier-free guidance). The output layer starts at zero, so an

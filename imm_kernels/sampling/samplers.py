@@ -1,4 +1,4 @@
-"""Few-step IMM samplers (DESIGN §1): time grids, pushforward and restart.
+"""Few-step IMM samplers (docs/design.md §1.4): time grids, pushforward and restart.
 
 The grids are computed on the host in float64. The samplers read the grid once
 (before the loop) as Python floats, so the loop itself never waits for the GPU:

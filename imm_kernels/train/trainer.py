@@ -98,7 +98,7 @@ class TrainConfig:
     lr, warmup: AdamW learning rate, reached linearly over `warmup` steps, then constant.
     weight_decay, grad_clip: AdamW weight decay; max global gradient norm (0 disables clipping).
     ema_decay: the evaluation EMA's decay, warmed up as min(ema_decay, (1 + n)/(10 + n)).
-    schedule, param, time_embed, T, eps: the model of DESIGN §1 (`Preconditioner`).
+    schedule, param, time_embed, T, eps: the model of docs/design.md §1.2 (`Preconditioner`).
     sigma_data: sigma_d; None takes the standard deviation of the training data, so the
         prior N(0, sigma_d²) has the data's scale (8×8 digits in [-1, 1]: about 0.75, not
         the 0.5 of CIFAR-10 pixels). For euler_fm and simple_edm, scaling the data and

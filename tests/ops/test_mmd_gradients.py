@@ -39,7 +39,7 @@ def test_gradcheck_float64(backend, group_size, num_groups, num_features, device
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_gradient_matches_closed_form(backend, device):
-    """DESIGN §3's dL/dz_i = sum_j A_ij (z_i - z_j), and dL/db, dL/dw, written out in float64."""
+    """docs/design.md §3.2's dL/dz_i = sum_j A_ij (z_i - z_j), and dL/db, dL/dw, written out in float64."""
     group_size, num_features = 3, 11
     x, y, bandwidth, weight = make_inputs(group_size, 1, num_features, torch.float64, device)
     _, (dx, dy, db, dw) = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="sum")

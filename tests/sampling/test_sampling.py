@@ -1,5 +1,5 @@
 """Few-step sampling: grids against their formulas, pushforward and restart against a plain
-transcription of DESIGN §1 in float64, GraphedSampler against the eager sampler, clear errors."""
+transcription of docs/design.md §1.4 in float64, GraphedSampler against the eager sampler, clear errors."""
 
 import contextlib
 import gc
