@@ -24,6 +24,7 @@ import torch
 
 from imm_kernels.ops.adaln import adaln_modulate, adaln_residual_modulate
 from imm_kernels.ops.reference import adaln_modulate_reference, adaln_residual_modulate_reference
+
 from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -54,8 +55,12 @@ class Case:
 
     def floor_bytes(self, mode: str) -> int:
         """What any implementation must move (see FLOOR_NOTE); the modulation vectors count once each way."""
-        rows = {("modulate", "forward"): 2, ("modulate", "forward+backward"): 5,
-                ("residual", "forward"): 4, ("residual", "forward+backward"): 10}[self.op, mode]
+        rows = {
+            ("modulate", "forward"): 2,
+            ("modulate", "forward+backward"): 5,
+            ("residual", "forward"): 4,
+            ("residual", "forward+backward"): 10,
+        }[self.op, mode]
         vectors = 2 if self.op == "modulate" else 3
         per_vector_passes = 1 if mode == "forward" else 3  # read; backward reads scale/gate again and writes grads
         itemsize = self.torch_dtype.itemsize
@@ -128,9 +133,15 @@ def test_adaln(benchmark, copy_bandwidth_gbps, record_result, case, mode, provid
     x, y, modulation, grads = make_inputs(case, mode)
     info = benchmark.extra_info
     info.update(
-        op="adaln", shape_label="op NxLxH", floor_note=FLOOR_NOTE, provider=provider,
+        op="adaln",
+        shape_label="op NxLxH",
+        floor_note=FLOOR_NOTE,
+        provider=provider,
         backend={"eager": "torch", "compiled": "inductor"}.get(provider, "triton"),
-        shape=case.shape, dtype=case.dtype, mode=mode, floor_bytes=case.floor_bytes(mode),
+        shape=case.shape,
+        dtype=case.dtype,
+        mode=mode,
+        floor_bytes=case.floor_bytes(mode),
     )
     benchmark.group = f"{case.shape} {case.dtype} {mode}"
     step = make_step(case, provider, mode, x, y, modulation, grads)
@@ -143,8 +154,12 @@ def test_adaln(benchmark, copy_bandwidth_gbps, record_result, case, mode, provid
     ms = device_time_ms(benchmark, step)
     gbps = case.floor_bytes(mode) / (ms * 1e-3) / 1e9
     info.update(
-        status="ok", device_ms=ms, gbps=gbps, pct_copy_bw=100 * gbps / copy_bandwidth_gbps,
-        peak_mem_mib=peak_mib, **({"peak_mem_note": peak_note} if peak_note else {}),
+        status="ok",
+        device_ms=ms,
+        gbps=gbps,
+        pct_copy_bw=100 * gbps / copy_bandwidth_gbps,
+        peak_mem_mib=peak_mib,
+        **({"peak_mem_note": peak_note} if peak_note else {}),
     )
     record_result(dict(info))
     del step

@@ -23,9 +23,12 @@ import pytest
 import torch
 
 from imm_kernels.models import DiT_models
+
 from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
-pytestmark = pytest.mark.skipif(not ON_CUDA, reason="DiT benchmarks need a CUDA GPU (Triton's CPU interpreter is not timed)")
+pytestmark = pytest.mark.skipif(
+    not ON_CUDA, reason="DiT benchmarks need a CUDA GPU (Triton's CPU interpreter is not timed)"
+)
 
 CONFIGS = ("DiT-B/2", "DiT-XL/2")
 BATCHES = (1, 64)
@@ -50,8 +53,9 @@ def model_for(config: str):
         gc.collect()
         torch.cuda.empty_cache()
         torch.manual_seed(0)
-        model = DiT_models[config](input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
-                                   batched_modulation=True).cuda()
+        model = DiT_models[config](
+            input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, batched_modulation=True
+        ).cuda()
         with torch.no_grad():
             for param in model.parameters():
                 if param.requires_grad:
@@ -109,9 +113,18 @@ def test_dit(benchmark, record_result, config, batch, mode, provider):
         pytest.skip("pytest-benchmark is disabled")
     info = benchmark.extra_info
     shape = f"{config} B={batch} {'x'.join(map(str, LATENT))}"
-    info.update(op="dit", shape_label="model B= latent", floor_note="no byte floor (compute-bound model)",
-                provider=provider, backend="torch" if provider in REFERENCE_PROVIDERS else "auto",
-                shape=shape, dtype="bf16 autocast", mode=mode, gbps=None, pct_copy_bw=None)
+    info.update(
+        op="dit",
+        shape_label="model B= latent",
+        floor_note="no byte floor (compute-bound model)",
+        provider=provider,
+        backend="torch" if provider in REFERENCE_PROVIDERS else "auto",
+        shape=shape,
+        dtype="bf16 autocast",
+        mode=mode,
+        gbps=None,
+        pct_copy_bw=None,
+    )
     benchmark.group = f"{shape} {mode}"
     step = make_step(config, provider, batch, mode)
     try:

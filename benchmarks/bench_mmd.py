@@ -31,6 +31,7 @@ import imm_kernels
 from imm_kernels import BackendUnavailableError
 from imm_kernels.ops.backends import MMD_AUTO, choose_backend
 from imm_kernels.ops.reference import mmd_loss_cdist, mmd_loss_reference
+
 from timing import ON_CUDA, cuda_peak_memory_mib, device_time_ms
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -253,7 +254,11 @@ def test_mmd_loss(benchmark, copy_bandwidth_gbps, record_result, case, mode, pro
     info = benchmark.extra_info
     info.update(
         provider=provider,
-        backend=backend, shape=case.shape, dtype=case.dtype, mode=mode, floor_bytes=case.floor_bytes(mode),
+        backend=backend,
+        shape=case.shape,
+        dtype=case.dtype,
+        mode=mode,
+        floor_bytes=case.floor_bytes(mode),
     )
     benchmark.group = f"{case.shape} {case.dtype} {mode}"
     step = make_step(provider, case, mode, x, y, bandwidth)
@@ -275,8 +280,12 @@ def test_mmd_loss(benchmark, copy_bandwidth_gbps, record_result, case, mode, pro
     ms = device_time_ms(benchmark, step)
     gbps = case.floor_bytes(mode) / (ms * 1e-3) / 1e9
     info.update(
-        status="ok", device_ms=ms, gbps=gbps, pct_copy_bw=100 * gbps / copy_bandwidth_gbps,
-        peak_mem_mib=peak_mib, **({"peak_mem_note": peak_note} if peak_note else {}),
+        status="ok",
+        device_ms=ms,
+        gbps=gbps,
+        pct_copy_bw=100 * gbps / copy_bandwidth_gbps,
+        peak_mem_mib=peak_mib,
+        **({"peak_mem_note": peak_note} if peak_note else {}),
     )
     record_result(dict(info))
 

@@ -35,11 +35,14 @@ REPEATS = 5
 COMPILE = os.environ.get("IMM_BENCH_SAMPLING_COMPILE", "default")
 PRECISION = os.environ.get("IMM_BENCH_SAMPLING_PRECISION", "bf16")
 PROVIDER_LABELS = {
-    "eager": "eager", "torch.compile(reduce-overhead)": "compiled", "GraphedSampler": "imm_kernels[graphed]",
+    "eager": "eager",
+    "torch.compile(reduce-overhead)": "compiled",
+    "GraphedSampler": "imm_kernels[graphed]",
 }
 
-pytestmark = pytest.mark.skipif(not ON_CUDA, reason="sampling latency is a GPU benchmark (CUDA graphs); "
-                                                    "on a CPU run `imm-kernels bench-sampling`")
+pytestmark = pytest.mark.skipif(
+    not ON_CUDA, reason="sampling latency is a GPU benchmark (CUDA graphs); on a CPU run `imm-kernels bench-sampling`"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +67,10 @@ def compiles(batch: int, steps: int) -> bool:
 def test_sampling_latency(benchmark, record_result, model, batch, steps, guided):
     from imm_kernels.sampling import time_grid
     from imm_kernels.sampling.latency import (
-        interleaved_medians_ms, kernel_time_ms, sampling_inputs, sampling_providers,
+        interleaved_medians_ms,
+        kernel_time_ms,
+        sampling_inputs,
+        sampling_providers,
     )
 
     net, sample_shape = cached_net(model)
@@ -88,10 +94,18 @@ def test_sampling_latency(benchmark, record_result, model, batch, steps, guided)
     mode = f"cfg {CFG_SCALE}" if guided else "no cfg"
     for provider, call in calls.items():
         row = {
-            "op": "sampling", "shape_label": "model B= N=", "floor_note": "no byte floor (latency)",
-            "shape": case, "dtype": PRECISION, "mode": mode, "provider": PROVIDER_LABELS[provider],
-            "device_ms": medians[provider], "gbps": None, "pct_copy_bw": None,
-            "peak_mem_mib": cuda_peak_memory_mib(call), "status": "ok",
+            "op": "sampling",
+            "shape_label": "model B= N=",
+            "floor_note": "no byte floor (latency)",
+            "shape": case,
+            "dtype": PRECISION,
+            "mode": mode,
+            "provider": PROVIDER_LABELS[provider],
+            "device_ms": medians[provider],
+            "gbps": None,
+            "pct_copy_bw": None,
+            "peak_mem_mib": cuda_peak_memory_mib(call),
+            "status": "ok",
         }
         if provider == "GraphedSampler":
             row["peak_mem_note"] = f"GPU busy {100 * busy:.0f}% of the call"

@@ -18,6 +18,7 @@ import torch
 
 from imm_kernels.ops.reference import timestep_embedding_reference
 from imm_kernels.ops.timestep import timestep_embedding
+
 from timing import ON_CUDA, device_time_ms
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -57,9 +58,16 @@ def test_timestep_embedding(benchmark, copy_bandwidth_gbps, record_result, batch
     floor_bytes = batch * 4 + batch * DIM * 4
     info = benchmark.extra_info
     info.update(
-        op="timestep", shape_label="NxDIM", floor_note=FLOOR_NOTE, provider=provider,
+        op="timestep",
+        shape_label="NxDIM",
+        floor_note=FLOOR_NOTE,
+        provider=provider,
         backend={"eager": "torch", "compiled": "inductor", "dit_fp32": "torch"}.get(provider, "triton"),
-        shape=f"{batch}x{DIM}", dtype="float32", mode="forward", floor_bytes=floor_bytes, peak_mem_mib=None,
+        shape=f"{batch}x{DIM}",
+        dtype="float32",
+        mode="forward",
+        floor_bytes=floor_bytes,
+        peak_mem_mib=None,
     )
     benchmark.group = f"{batch}x{DIM}"
     function = embedding_function(provider)

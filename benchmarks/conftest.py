@@ -22,7 +22,19 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = pytest.StashKey[dict]()
-COLUMNS = ("shape", "dtype", "mode", "provider", "ms", "GB/s", "% copy BW", "peak MiB", "vs eager", "vs compiled", "note")
+COLUMNS = (
+    "shape",
+    "dtype",
+    "mode",
+    "provider",
+    "ms",
+    "GB/s",
+    "% copy BW",
+    "peak MiB",
+    "vs eager",
+    "vs compiled",
+    "note",
+)
 
 
 def pytest_configure(config):
@@ -70,7 +82,9 @@ def _triton_version() -> str:
 def _environment(config, copy_gbps: float | None) -> dict:
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "triton": _triton_version(),
@@ -98,16 +112,21 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
         case = (r["shape"], r["dtype"], r["mode"])
         is_ours = r["provider"].startswith("imm_kernels")
         oom = r["status"] != "ok"
-        cells.append([
-            r["shape"], r["dtype"], r["mode"], r["provider"],
-            "OOM" if oom else _fmt(r["device_ms"], ".4g"),
-            _fmt(r["gbps"], ".1f"),
-            _fmt(r["pct_copy_bw"], ".1f"),
-            _fmt(r["peak_mem_mib"], ".1f"),
-            _speedup(ms_of.get((*case, "eager")), r["device_ms"]) if is_ours else "",
-            _speedup(ms_of.get((*case, "compiled")), r["device_ms"]) if is_ours else "",
-            r["status"] if oom else r.get("peak_mem_note", ""),
-        ])
+        cells.append(
+            [
+                r["shape"],
+                r["dtype"],
+                r["mode"],
+                r["provider"],
+                "OOM" if oom else _fmt(r["device_ms"], ".4g"),
+                _fmt(r["gbps"], ".1f"),
+                _fmt(r["pct_copy_bw"], ".1f"),
+                _fmt(r["peak_mem_mib"], ".1f"),
+                _speedup(ms_of.get((*case, "eager")), r["device_ms"]) if is_ours else "",
+                _speedup(ms_of.get((*case, "compiled")), r["device_ms"]) if is_ours else "",
+                r["status"] if oom else r.get("peak_mem_note", ""),
+            ]
+        )
     return cells
 
 
@@ -130,7 +149,9 @@ def _plain_table(columns: tuple[str, ...], cells: list[list[str]]) -> list[str]:
     numeric = set(range(4, 10))
 
     def line(values):
-        return "  ".join(v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in zip(used, values)).rstrip()
+        return "  ".join(
+            v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in zip(used, values)
+        ).rstrip()
 
     head = line([columns[i] for i in used])
     return [head, "-" * len(head), *(line([c[i] for i in used]) for c in cells)]

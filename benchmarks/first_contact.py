@@ -141,11 +141,21 @@ def planned_rows() -> list[Planned]:
     for batch, features, dtype in MMD_SHAPES:
         floor = f"3 x B*D x {itemsize(dtype)} B (read x, y; write dx)"
         for provider in (*(f"imm_kernels[{b}]" for b in FUSED_MMD_BACKENDS), "eager", "compiled"):
-            rows.append(Planned("mmd", mmd_case(batch, features, dtype), provider,
-                                mmd_floor_bytes(batch, features, dtype), floor))
+            rows.append(
+                Planned(
+                    "mmd", mmd_case(batch, features, dtype), provider, mmd_floor_bytes(batch, features, dtype), floor
+                )
+            )
     for provider in ("imm_kernels[triton]", "eager", "compiled"):
-        rows.append(Planned("adaln", adaln_case(), provider, adaln_floor_bytes(),
-                            f"(10 x N*L*H + 9 x N*H) x {itemsize(ADALN_DTYPE)} B"))
+        rows.append(
+            Planned(
+                "adaln",
+                adaln_case(),
+                provider,
+                adaln_floor_bytes(),
+                f"(10 x N*L*H + 9 x N*H) x {itemsize(ADALN_DTYPE)} B",
+            )
+        )
     for batch in SAMPLING_BATCHES:
         for provider in ("imm_kernels[graphed]", "eager"):
             rows.append(Planned("sampling", sampling_case(batch), provider, None, "none (latency)"))
@@ -156,8 +166,10 @@ def planned_rows() -> list[Planned]:
 
 def print_plan() -> None:
     print(f"imm_kernels {imm_kernels.__version__} | torch {torch.__version__} | triton {triton.__version__}")
-    print(f"references: {mmd_loss_reference.__module__}.{mmd_loss_reference.__name__}, "
-          f"{adaln_residual_modulate_reference.__name__}; sampling: {sampling_providers.__module__}")
+    print(
+        f"references: {mmd_loss_reference.__module__}.{mmd_loss_reference.__name__}, "
+        f"{adaln_residual_modulate_reference.__name__}; sampling: {sampling_providers.__module__}"
+    )
     rows = planned_rows()
     width = max(len(r.case) for r in rows)
     for section, limit in SECTION_LIMITS.items():
@@ -263,9 +275,15 @@ def time_graph_replay(rec: Recorder, case: str, provider: str, fn) -> None:
 def record_environment(rec: Recorder) -> None:
     props = torch.cuda.get_device_properties(0)
     rec.write(
-        "environment", device=torch.cuda.get_device_name(), multiprocessors=props.multi_processor_count,
-        memory_gib=round(props.total_memory / 2**30, 1), torch=torch.__version__, cuda=torch.version.cuda,
-        triton=triton.__version__, python=platform.python_version(), backends=imm_kernels.backends(),
+        "environment",
+        device=torch.cuda.get_device_name(),
+        multiprocessors=props.multi_processor_count,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        backends=imm_kernels.backends(),
         date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     )
 
@@ -370,8 +388,14 @@ def run_sampling(rec: Recorder) -> None:
             graphed = sampling_providers(net, noise, labels, times, CFG_SCALE, ("GraphedSampler",))["GraphedSampler"]
             torch.cuda.synchronize()
             capture_s = time.perf_counter() - start
-            rec.row(case, "imm_kernels[graphed]", status="ok", first_call_s=capture_s, ms=median_ms(graphed),
-                    graph_note="the call is a CUDA-graph replay (with noise and labels copied in, the sample out)")
+            rec.row(
+                case,
+                "imm_kernels[graphed]",
+                status="ok",
+                first_call_s=capture_s,
+                ms=median_ms(graphed),
+                graph_note="the call is a CUDA-graph replay (with noise and labels copied in, the sample out)",
+            )
         except Exception as err:
             rec.row(case, "imm_kernels[graphed]", status=f"failed: {describe(err)}")
         graphed = None  # frees its graphs before the eager rows
@@ -387,8 +411,13 @@ def run_sampling_compile(rec: Recorder, batch: int) -> None:
     net, sample_shape, times = sampling_net()
     noise, labels = sampling_inputs(net, batch, sample_shape, CFG_SCALE)
     compiled = sampling_providers(net, noise, labels, times, CFG_SCALE, (COMPILED_SAMPLER,))[COMPILED_SAMPLER]
-    time_row(rec, sampling_case(batch), "compiled", compiled,
-             graph_note="not captured: reduce-overhead replays CUDA graphs of its own, and captures do not nest")
+    time_row(
+        rec,
+        sampling_case(batch),
+        "compiled",
+        compiled,
+        graph_note="not captured: reduce-overhead replays CUDA graphs of its own, and captures do not nest",
+    )
 
 
 SECTION_RUNS = {
@@ -396,8 +425,9 @@ SECTION_RUNS = {
     "mmd": run_mmd,
     "adaln": run_adaln,
     "sampling": run_sampling,
-    **{f"sampling-compile-b{batch}": functools.partial(run_sampling_compile, batch=batch)
-       for batch in SAMPLING_BATCHES},
+    **{
+        f"sampling-compile-b{batch}": functools.partial(run_sampling_compile, batch=batch) for batch in SAMPLING_BATCHES
+    },
 }
 
 
@@ -493,13 +523,13 @@ def run_sections(out: Path, budget_s: float) -> None:
                     log.write(f"==== section {name} (limit {limit_s:.0f} s)\n")
                     log.flush()
                     log_start, start = os.fstat(log.fileno()).st_size, time.monotonic()
-                    status = run_limited([sys.executable, __file__, "--section", name, "--out", str(out)],
-                                         limit_s, log)
+                    status = run_limited([sys.executable, __file__, "--section", name, "--out", str(out)], limit_s, log)
                     wall = time.monotonic() - start
                     if status.startswith("exit code"):  # say why in the table: the section's last words
                         status += f": {last_line(out / LOG_FILE, log_start)}"
-                Recorder(rows_path, name).write("section", status=status, wall_s=round(wall, 1),
-                                                limit_s=round(limit_s, 1), ended=time.time())
+                Recorder(rows_path, name).write(
+                    "section", status=status, wall_s=round(wall, 1), limit_s=round(limit_s, 1), ended=time.time()
+                )
                 print(f"[first-contact] {name}: {status} ({wall:.0f} s)", flush=True)
                 write_report(out)
         finally:
@@ -528,8 +558,19 @@ def speedup(reference: dict | None, row: dict) -> str:
     return f"{reference['ms'] / row['ms']:.2f}x"
 
 
-COLUMNS = ("case", "provider", "ms", "graph ms", "GB/s", "% copy", "floor", "vs eager", "vs compiled",
-           "1st call s", "note")
+COLUMNS = (
+    "case",
+    "provider",
+    "ms",
+    "graph ms",
+    "GB/s",
+    "% copy",
+    "floor",
+    "vs eager",
+    "vs compiled",
+    "1st call s",
+    "note",
+)
 
 
 def report_rows(records: list[dict]) -> tuple[list[dict], float | None]:
@@ -545,11 +586,21 @@ def report_rows(records: list[dict]) -> tuple[list[dict], float | None]:
         graph_note = found.get("graph_note")
         if status == "ok" and found.get("graph_ms") is None and graph_note is None:
             graph_note = "graph replay not timed: the section stopped first"
-        rows.append({
-            "section": planned.section, "case": planned.case, "provider": planned.provider, "status": status,
-            "ms": ms, "graph_ms": found.get("graph_ms"), "graph_note": graph_note, "gbps": gbps,
-            "floor_bytes": planned.floor_bytes, "floor": planned.floor, "first_call_s": found.get("first_call_s"),
-        })
+        rows.append(
+            {
+                "section": planned.section,
+                "case": planned.case,
+                "provider": planned.provider,
+                "status": status,
+                "ms": ms,
+                "graph_ms": found.get("graph_ms"),
+                "graph_note": graph_note,
+                "gbps": gbps,
+                "floor_bytes": planned.floor_bytes,
+                "floor": planned.floor,
+                "first_call_s": found.get("first_call_s"),
+            }
+        )
     copy = next(r for r in rows if r["case"] == COPY_CASE)
     copy_gbps = copy["gbps"]
     for row in rows:
@@ -563,12 +614,21 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         floor = "" if r["floor_bytes"] is None else f"{r['floor_bytes'] / 1e6:.1f} MB: {r['floor']}"
         note = r["status"] if r["status"] != "ok" else (r["graph_note"] or "")
-        cells.append([
-            r["case"], r["provider"], fmt(r["ms"], ".4g"), fmt(r["graph_ms"], ".4g"), fmt(r["gbps"], ".1f"),
-            fmt(r["pct_copy_bw"], ".1f"), floor or r["floor"],
-            speedup(by_case.get((r["case"], "eager")), r), speedup(by_case.get((r["case"], "compiled")), r),
-            fmt(r["first_call_s"], ".1f"), note,
-        ])
+        cells.append(
+            [
+                r["case"],
+                r["provider"],
+                fmt(r["ms"], ".4g"),
+                fmt(r["graph_ms"], ".4g"),
+                fmt(r["gbps"], ".1f"),
+                fmt(r["pct_copy_bw"], ".1f"),
+                floor or r["floor"],
+                speedup(by_case.get((r["case"], "eager")), r),
+                speedup(by_case.get((r["case"], "compiled")), r),
+                fmt(r["first_call_s"], ".1f"),
+                note,
+            ]
+        )
     return cells
 
 
@@ -578,8 +638,11 @@ def markdown_table(cells: list[list[str]]) -> list[str]:
     widths = [max(len(COLUMNS[i]), *(len(c[i]) for c in cells)) for i in range(len(COLUMNS))]
 
     def line(values):
-        return "| " + " | ".join(v.rjust(w) if i in numeric else v.ljust(w)
-                                 for i, (v, w) in enumerate(zip(values, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+            + " |"
+        )
 
     rule = "| " + " | ".join(("-" * (w - 1) + ":") if i in numeric else "-" * w for i, w in enumerate(widths)) + " |"
     return [line(COLUMNS), rule, *(line(c) for c in cells)]
@@ -591,12 +654,17 @@ def write_report(out: Path) -> list[str]:
     rows, copy_gbps = report_rows(records)
     environment = next((r for r in reversed(records) if r["kind"] == "environment"), {})
     sections = [r for r in records if r["kind"] == "section"]
-    (out / JSON_FILE).write_text(json.dumps(
-        {"environment": environment, "copy_bandwidth_gbps": copy_gbps, "sections": sections, "rows": rows},
-        indent=2) + "\n")
+    (out / JSON_FILE).write_text(
+        json.dumps(
+            {"environment": environment, "copy_bandwidth_gbps": copy_gbps, "sections": sections, "rows": rows}, indent=2
+        )
+        + "\n"
+    )
     if environment:
-        device = (f"{environment.get('device')} | torch {environment.get('torch')} (CUDA {environment.get('cuda')}) "
-                  f"| triton {environment.get('triton')} | {environment.get('date_utc')} UTC")
+        device = (
+            f"{environment.get('device')} | torch {environment.get('torch')} (CUDA {environment.get('cuda')}) "
+            f"| triton {environment.get('triton')} | {environment.get('date_utc')} UTC"
+        )
     else:
         device = "unknown: no section reached the GPU"
     lines = [

@@ -48,11 +48,30 @@ def _compile(arch: int, workdir: Path) -> tuple[str, bytes]:
     if not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     command = [
-        "nvcc", "-c", str(REPO / "csrc" / "mmd_cuda.cu"), "-o", str(workdir / "mmd_cuda.o"),
-        "-std=c++17", "-O3", "-DIMM_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr",
-        f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-Xcompiler", "-fPIC",
-        "-I", str(REPO / "csrc"), "-I", str(torch_include), "-I", str(torch_include / "torch" / "csrc" / "api" / "include"),
-        "-I", str(workdir / "stub"), "-I", sysconfig.get_paths()["include"],
+        "nvcc",
+        "-c",
+        str(REPO / "csrc" / "mmd_cuda.cu"),
+        "-o",
+        str(workdir / "mmd_cuda.o"),
+        "-std=c++17",
+        "-O3",
+        "-DIMM_KERNELS_WITH_CUDA",
+        "--expt-relaxed-constexpr",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        "-Xcompiler",
+        "-fPIC",
+        "-I",
+        str(REPO / "csrc"),
+        "-I",
+        str(torch_include),
+        "-I",
+        str(torch_include / "torch" / "csrc" / "api" / "include"),
+        "-I",
+        str(workdir / "stub"),
+        "-I",
+        sysconfig.get_paths()["include"],
     ]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
@@ -70,8 +89,11 @@ def _ptxas_resources(log: str) -> dict[str, dict]:
             spill = int(match.group(1))
         elif (match := re.search(r"Used (\d+) registers", line)) and kernel:
             shared = re.search(r"(\d+) bytes smem", line)
-            resources[kernel] = {"registers": int(match.group(1)), "spill_bytes": spill,
-                                 "shared_bytes": int(shared.group(1)) if shared else 0}
+            resources[kernel] = {
+                "registers": int(match.group(1)),
+                "spill_bytes": spill,
+                "shared_bytes": int(shared.group(1)) if shared else 0,
+            }
             kernel = None
     return resources
 
@@ -91,22 +113,27 @@ def report(arch: int = 90) -> list[dict]:
         instructions = functions[kernel]
         counts = sass_stats.function_counts(instructions)
         block = threads.get(kernel)  # None for a kernel declared without __launch_bounds__
-        occupancy = (sass_stats.occupancy(resources[kernel]["registers"], block // 32,
-                                          resources[kernel]["shared_bytes"]) if arch == 90 and block else {})
-        rows.append({
-            "kernel": name.removeprefix("mmd_").removesuffix("_kernel"),
-            "dtype": params[0] if name != "mmd_finalize_kernel" else params[0] + " (acc)",
-            "max_m": int(params[-2] if name != "mmd_finalize_kernel" else params[-1]),
-            "vec": int(params[-1]) if name != "mmd_finalize_kernel" else 0,
-            **resources[kernel],
-            "threads": block,
-            "warps_per_sm": occupancy.get("warps_per_sm"),  # on sm_90; None for another arch or no bounds
-            "shuffles": counts["shuffles"],
-            "global_loads": counts["global_loads"],
-            "global_stores": counts["global_stores"],
-            "local": counts["local"],
-            "loop_instructions": sass_stats.loop_counts(instructions).get("instructions", 0),
-        })
+        occupancy = (
+            sass_stats.occupancy(resources[kernel]["registers"], block // 32, resources[kernel]["shared_bytes"])
+            if arch == 90 and block
+            else {}
+        )
+        rows.append(
+            {
+                "kernel": name.removeprefix("mmd_").removesuffix("_kernel"),
+                "dtype": params[0] if name != "mmd_finalize_kernel" else params[0] + " (acc)",
+                "max_m": int(params[-2] if name != "mmd_finalize_kernel" else params[-1]),
+                "vec": int(params[-1]) if name != "mmd_finalize_kernel" else 0,
+                **resources[kernel],
+                "threads": block,
+                "warps_per_sm": occupancy.get("warps_per_sm"),  # on sm_90; None for another arch or no bounds
+                "shuffles": counts["shuffles"],
+                "global_loads": counts["global_loads"],
+                "global_stores": counts["global_stores"],
+                "local": counts["local"],
+                "loop_instructions": sass_stats.loop_counts(instructions).get("instructions", 0),
+            }
+        )
     return sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["max_m"], r["vec"]))
 
 
@@ -121,16 +148,22 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{'kernel':9s} {'dtype':13s} {'MAX_M':>5s} {'VEC':>3s} {'regs':>5s} {'spill B':>7s} {'smem B':>6s} "
-          f"{'warps/SM':>8s} {'SHFL':>4s} {'LDG':>4s} {'STG':>4s} {'LDL/STL':>7s} {'loop':>5s}")
+    print(
+        f"{'kernel':9s} {'dtype':13s} {'MAX_M':>5s} {'VEC':>3s} {'regs':>5s} {'spill B':>7s} {'smem B':>6s} "
+        f"{'warps/SM':>8s} {'SHFL':>4s} {'LDG':>4s} {'STG':>4s} {'LDL/STL':>7s} {'loop':>5s}"
+    )
     for r in rows:
         warps = "-" if r["warps_per_sm"] is None else str(r["warps_per_sm"])
-        print(f"{r['kernel']:9s} {r['dtype']:13s} {r['max_m']:5d} {r['vec']:3d} {r['registers']:5d} "
-              f"{r['spill_bytes']:7d} {r['shared_bytes']:6d} {warps:>8s} {r['shuffles']:4d} {r['global_loads']:4d} "
-              f"{r['global_stores']:4d} {r['local']:7d} {r['loop_instructions']:5d}")
-    print("\nwarps/SM: occupancy on sm_90 for the kernel's __launch_bounds__ block (- if none); "
-          "SHFL, LDG, STG, LDL/STL: instructions in the kernel's SASS; loop: instructions per iteration "
-          "of its hottest loop")
+        print(
+            f"{r['kernel']:9s} {r['dtype']:13s} {r['max_m']:5d} {r['vec']:3d} {r['registers']:5d} "
+            f"{r['spill_bytes']:7d} {r['shared_bytes']:6d} {warps:>8s} {r['shuffles']:4d} {r['global_loads']:4d} "
+            f"{r['global_stores']:4d} {r['local']:7d} {r['loop_instructions']:5d}"
+        )
+    print(
+        "\nwarps/SM: occupancy on sm_90 for the kernel's __launch_bounds__ block (- if none); "
+        "SHFL, LDG, STG, LDL/STL: instructions in the kernel's SASS; loop: instructions per iteration "
+        "of its hottest loop"
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sass_stats  # noqa: E402
 import torch  # noqa: E402
 
 from imm_kernels.ops import mmd_triton as mmd  # noqa: E402
+
+import sass_stats  # noqa: E402
 
 NUM_FEATURES = 4096
 DTYPES = (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64"))  # (input, compute)
@@ -64,8 +65,9 @@ def _row(variant: str, io: str, acc: str, group_size: int) -> dict:
     kernel, flags, loop_names = VARIANTS[variant]
     half = mmd.half_rows(group_size)
     block_d, num_warps = mmd._tile_config(group_size, NUM_FEATURES, torch.float64 if acc == "fp64" else torch.float32)
-    constexprs = dict(M=group_size, MX=half, BLOCK_D=block_d, NUM_STAGES=mmd.NUM_STAGES,
-                      EVEN_D=NUM_FEATURES % block_d == 0, **flags)
+    constexprs = dict(
+        M=group_size, MX=half, BLOCK_D=block_d, NUM_STAGES=mmd.NUM_STAGES, EVEN_D=NUM_FEATURES % block_d == 0, **flags
+    )
     compiled = sass_stats.compile_like_jit(kernel, _arguments(kernel, io, acc), constexprs, num_warps=num_warps)
     stats = sass_stats.triton_kernel_stats(compiled)
     stats.pop("loop")
@@ -94,15 +96,25 @@ def report() -> list[dict]:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"{'kernel':<14} {'dtype':<5} {'M':>2} {'BLOCK_D':>7} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem KB':>7} "
-          f"{'blk/SM':>6}  {'loop':<4} {'instr/el':>8} {'shfl/el':>7} {'ldg/el':>6} {'smem/el':>7} {'fp/el':>6}")
+    print(
+        f"{'kernel':<14} {'dtype':<5} {'M':>2} {'BLOCK_D':>7} {'warps':>5} {'regs':>4} {'spill B':>7} {'smem KB':>7} "
+        f"{'blk/SM':>6}  {'loop':<4} {'instr/el':>8} {'shfl/el':>7} {'ldg/el':>6} {'smem/el':>7} {'fp/el':>6}"
+    )
     for r in rows:
         for i, (name, loop) in enumerate(r["loops"].items()):
-            lead = (f"{r['kernel']:<14} {r['dtype']:<5} {r['M']:>2} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
+            lead = (
+                (
+                    f"{r['kernel']:<14} {r['dtype']:<5} {r['M']:>2} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
                     f"{r['registers']:>4} {r['stack_bytes']:>7} {r['shared_bytes'] / 1024:>7.1f} "
-                    f"{r['blocks_per_sm']:>6}") if i == 0 else " " * 66
-            print(f"{lead}  {name:<4} {loop['instructions']:>8.2f} {loop['shuffles']:>7.2f} {loop['global_loads']:>6.2f} "
-                  f"{loop['shared']:>7.2f} {loop['fp32'] + loop['fp64']:>6.2f}")
+                    f"{r['blocks_per_sm']:>6}"
+                )
+                if i == 0
+                else " " * 66
+            )
+            print(
+                f"{lead}  {name:<4} {loop['instructions']:>8.2f} {loop['shuffles']:>7.2f} {loop['global_loads']:>6.2f} "
+                f"{loop['shared']:>7.2f} {loop['fp32'] + loop['fp64']:>6.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import torch
 
 from imm_kernels.ops import adaln, timestep
+
 from sass_stats import compile_like_jit, cuobjdump, loop_bodies, loop_counts, parse_sass, triton_kernel_stats
 
 HIDDEN_SIZES = (384, 1152, 4096)  # DiT-S, DiT-XL, and a wide one
@@ -69,10 +70,17 @@ def _row(kernel: str, dtype: str, hidden: int, compiled, config: dict, programs:
     per_row = loop_counts(instructions) if loop_bodies(instructions) else loop_counts(instructions, instructions)
     threads = 32 * config["num_warps"]
     return dict(
-        kernel=kernel, dtype=dtype, H=hidden, **labels,
-        num_warps=config["num_warps"], stages=config["NUM_STAGES"],
-        registers=stats["registers"], stack_bytes=stats["stack_bytes"], shared_bytes=stats["shared_bytes"],
-        blocks_per_sm=stats["blocks_per_sm"], warps_per_sm=stats["warps_per_sm"],
+        kernel=kernel,
+        dtype=dtype,
+        H=hidden,
+        **labels,
+        num_warps=config["num_warps"],
+        stages=config["NUM_STAGES"],
+        registers=stats["registers"],
+        stack_bytes=stats["stack_bytes"],
+        shared_bytes=stats["shared_bytes"],
+        blocks_per_sm=stats["blocks_per_sm"],
+        warps_per_sm=stats["warps_per_sm"],
         launched_per_sm=round(programs / SM_COUNT, 2),
         loads_per_element=round(per_row["global_loads"] * threads / hidden, 3),
         shuffles_per_element=round(per_row["shuffles"] * threads / hidden, 3),
@@ -102,32 +110,75 @@ def report(hidden_sizes=HIDDEN_SIZES) -> list[dict]:
                 kernel = adaln._adaln_fwd_kernel
                 constexprs = {k: v for k, v in config.items() if k != "num_warps"}
                 compiled = compile_like_jit(
-                    kernel, _example_args(kernel, dtype, hidden, rows_per_program=forward_rows),
-                    {**constexprs, "HAS_RESIDUAL": has_residual}, num_warps=config["num_warps"])
-                rows.append(_row("adaln_forward", dtype, hidden, compiled, config, forward_programs,
-                                 residual=has_residual, grad_x_new=None))
+                    kernel,
+                    _example_args(kernel, dtype, hidden, rows_per_program=forward_rows),
+                    {**constexprs, "HAS_RESIDUAL": has_residual},
+                    num_warps=config["num_warps"],
+                )
+                rows.append(
+                    _row(
+                        "adaln_forward",
+                        dtype,
+                        hidden,
+                        compiled,
+                        config,
+                        forward_programs,
+                        residual=has_residual,
+                        grad_x_new=None,
+                    )
+                )
                 for has_dres in (False, True) if has_residual else (False,):
                     config = adaln._launch_config(hidden, _streamed(dtype, 2 + has_residual + has_dres))
                     kernel = adaln._adaln_bwd_kernel
                     constexprs = {k: v for k, v in config.items() if k != "num_warps"}
                     compiled = compile_like_jit(
-                        kernel, _example_args(kernel, dtype, hidden, rows_per_block=backward_rows),
+                        kernel,
+                        _example_args(kernel, dtype, hidden, rows_per_block=backward_rows),
                         {**constexprs, "HAS_RESIDUAL": has_residual, "HAS_DRES": has_dres},
-                        num_warps=config["num_warps"])
-                    rows.append(_row("adaln_backward", dtype, hidden, compiled, config, backward_programs,
-                                     residual=has_residual, grad_x_new=has_dres))
+                        num_warps=config["num_warps"],
+                    )
+                    rows.append(
+                        _row(
+                            "adaln_backward",
+                            dtype,
+                            hidden,
+                            compiled,
+                            config,
+                            backward_programs,
+                            residual=has_residual,
+                            grad_x_new=has_dres,
+                        )
+                    )
     for t_dtype in ("fp32", "i64", "fp64"):
         kernel = timestep._timestep_embedding_kernel
-        args = {"t_ptr": f"*{t_dtype}", "stride_t": 1, "out_ptr": "*fp64" if t_dtype == "fp64" else "*fp32",
-                "half": 128, "dim": 257, "log_period_hi": "fp32", "log_period_lo": "fp32"}
+        args = {
+            "t_ptr": f"*{t_dtype}",
+            "stride_t": 1,
+            "out_ptr": "*fp64" if t_dtype == "fp64" else "*fp32",
+            "half": 128,
+            "dim": 257,
+            "log_period_hi": "fp32",
+            "log_period_lo": "fp32",
+        }
         stats = triton_kernel_stats(compile_like_jit(kernel, args, {"BLOCK": 128, "ODD_DIM": True}, num_warps=4))
-        rows.append(dict(kernel="timestep_embedding", dtype=t_dtype, H=257, residual=None, grad_x_new=None,
-                         num_warps=4, registers=stats["registers"], stack_bytes=stats["stack_bytes"]))
+        rows.append(
+            dict(
+                kernel="timestep_embedding",
+                dtype=t_dtype,
+                H=257,
+                residual=None,
+                grad_x_new=None,
+                num_warps=4,
+                registers=stats["registers"],
+                stack_bytes=stats["stack_bytes"],
+            )
+        )
     return rows
 
 
-def bytes_model(num_samples: int, seq_len: int, hidden: int, itemsize: int, forward_programs: int,
-                backward_blocks_per_sample: int) -> list[dict]:
+def bytes_model(
+    num_samples: int, seq_len: int, hidden: int, itemsize: int, forward_programs: int, backward_blocks_per_sample: int
+) -> list[dict]:
     """Bytes each kernel must move (every input read once, every output written once) and
     bytes it requests: plus the (N, H) vectors once per program, and in the backward the
     fp32 partials written, read back and summed into dmod.
@@ -147,8 +198,13 @@ def bytes_model(num_samples: int, seq_len: int, hidden: int, itemsize: int, forw
         dmod = num_samples * sums * hidden * 4
         must = streams_bwd * rows_bytes + num_samples * vectors_bwd * vector + stats + dmod
         partials = num_samples * backward_blocks_per_sample * sums * hidden * 4
-        moved = (streams_bwd * rows_bytes + num_samples * backward_blocks_per_sample * vectors_bwd * vector + stats
-                 + 2 * partials + dmod)
+        moved = (
+            streams_bwd * rows_bytes
+            + num_samples * backward_blocks_per_sample * vectors_bwd * vector
+            + stats
+            + 2 * partials
+            + dmod
+        )
         out.append(dict(kernel="adaln_backward", op=op, must_mb=must / 1e6, moved_mb=moved / 1e6))
     for row in out:
         row["extra"] = f"{row['moved_mb'] / row['must_mb'] - 1:+.1%}"

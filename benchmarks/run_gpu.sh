@@ -320,7 +320,7 @@ run_headline() {
 }
 
 # The files each stage runs, checked before anything starts.
-files=(setup.py)
+files=(setup.py CMakeLists.txt)
 case "$stage" in
     first-contact) files+=(tests/conftest.py "${FIRST_CONTACT_TESTS[@]}" "$HEADLINE_SCRIPT") ;;
     tests) files+=(tests/conftest.py) ;;

@@ -59,10 +59,9 @@ def cuobjdump(cubin: bytes, *flags: str, kernel_object: bool = True) -> str:
 
 def resources(cubin: bytes) -> dict:
     """{'registers', 'stack_bytes', 'shared_bytes'} per thread / block, of the cubin's one kernel."""
-    line = next(l for l in cuobjdump(cubin, "-res-usage").splitlines() if "REG:" in l)
+    line = next(row for row in cuobjdump(cubin, "-res-usage").splitlines() if "REG:" in row)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
-    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "shared_bytes": int(fields["SHARED"])}
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]), "shared_bytes": int(fields["SHARED"])}
 
 
 def parse_sass(sass: str) -> list[Instruction]:
@@ -92,8 +91,8 @@ def loop_bodies(instructions: list[Instruction]) -> list[list[Instruction]]:
             continue
         target = re.search(r"0x([0-9a-f]+)", ins.operands)
         start = by_address.get(int(target.group(1), 16)) if target else None
-        if start is not None and start <= i and _count(instructions[start:i + 1], GLOBAL_LOADS):
-            bodies.append(instructions[start:i + 1])
+        if start is not None and start <= i and _count(instructions[start : i + 1], GLOBAL_LOADS):
+            bodies.append(instructions[start : i + 1])
     return bodies
 
 
@@ -110,7 +109,7 @@ def hot_loop(instructions: list[Instruction]) -> list[Instruction]:
         start = by_address.get(int(target.group(1), 16))
         if start is None or start > i:
             continue
-        body = instructions[start:i + 1]
+        body = instructions[start : i + 1]
         key = (_count(body, GLOBAL_LOADS), len(body))
         if key > (_count(best, GLOBAL_LOADS), len(best)):
             best = body
@@ -159,8 +158,9 @@ def triton_kernel_stats(compiled) -> dict:
     return stats
 
 
-def compile_like_jit(kernel, args: dict, constexprs: dict, *, num_warps: int, num_stages: int | None = None,
-                     target: GPUTarget = HOPPER):
+def compile_like_jit(
+    kernel, args: dict, constexprs: dict, *, num_warps: int, num_stages: int | None = None, target: GPUTarget = HOPPER
+):
     """triton.compile of `kernel` as its JIT specializes a real launch, without a GPU.
 
     args maps each runtime argument to a pointer type ("*bf16": the JIT sees torch's

@@ -22,21 +22,20 @@ namespace imm_kernels {
 
 // -> (loss_g, S, MMD^2_g, dMMD^2_g/db), all in the compute dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cpu(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
-    int64_t group_size, double eps);
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size,
+    double eps);
 
 // -> (dx, dy) as contiguous (B, D) tensors of x's dtype; an empty tensor where not asked for.
 std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
-    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
-    bool need_dy);
+    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx, bool need_dy);
 
 // The forward and, for an upstream gradient grad_loss (G,) known in advance, (dx, dy) as the
 // backward would return them for it: one pass over each group while its rows are in cache.
 // -> (loss_g, S, MMD^2_g, dMMD^2_g/db, dx, dy).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_with_grad_cpu(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
-    int64_t group_size, double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy);
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size,
+    double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy);
 
 // Gradients of 1 MiB or more come from blocks kept mapped between calls (at most 4 freed ones,
 // 1 GiB). Frees the kept blocks (those of live gradients go when the gradients do); -> bytes freed.
@@ -46,13 +45,12 @@ int64_t release_cached_gradients_cpu();
 constexpr int64_t kCudaMaxGroupSize = 8;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cuda(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
-    int64_t group_size, double eps);
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size,
+    double eps);
 
 std::tuple<at::Tensor, at::Tensor> mmd_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
-    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
-    bool need_dy);
+    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx, bool need_dy);
 #endif
 
 }  // namespace imm_kernels

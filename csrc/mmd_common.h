@@ -45,8 +45,8 @@ inline void check_mmd_inputs(const at::Tensor& x, const at::Tensor& y, const at:
   const auto cdtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t num_groups = x.size(0) / group_size;
   for (const at::Tensor* t : {&bandwidth, &weight}) {
-    TORCH_CHECK(t->scalar_type() == cdtype && t->is_contiguous() && t->dim() == 1 && t->size(0) == num_groups,
-                "mmd (", backend, "): bandwidth and weight must be contiguous (G,) tensors of the compute dtype");
+    TORCH_CHECK(t->scalar_type() == cdtype && t->is_contiguous() && t->dim() == 1 && t->size(0) == num_groups, "mmd (",
+                backend, "): bandwidth and weight must be contiguous (G,) tensors of the compute dtype");
   }
 }
 

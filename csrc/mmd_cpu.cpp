@@ -54,7 +54,7 @@ constexpr int64_t kTile = 4;  // rows per register tile; a group's 2M rows are p
 constexpr int64_t kHalfTile = 2;  // rows of a tile an off-diagonal pass takes at once
 constexpr int64_t kPairRows = 2;  // gradient rows made at once
 constexpr int64_t kBlockBytes = 65536;  // a block of the group's rows stays in L2 while its tiles reread it
-constexpr int64_t kTargetTasks = 64;    // fewer groups than this split D (fixed, not the thread count)
+constexpr int64_t kTargetTasks = 64;  // fewer groups than this split D (fixed, not the thread count)
 constexpr int64_t kMinSplitColumns = 4096;
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
@@ -66,8 +66,8 @@ struct Plan {
   int64_t num_splits, cols_per_split, block_cols;
 
   Plan(int64_t batch, int64_t group_size_, int64_t num_features_, int64_t acc_bytes)
-      : num_groups(batch / group_size_), group_size(group_size_), rows(2 * group_size_),
-        num_features(num_features_), padded_rows(round_up(2 * group_size_, kTile)) {
+      : num_groups(batch / group_size_), group_size(group_size_), rows(2 * group_size_), num_features(num_features_),
+        padded_rows(round_up(2 * group_size_, kTile)) {
     const int64_t lanes = 32 / acc_bytes;
     block_cols = std::clamp<int64_t>(kBlockBytes / (padded_rows * acc_bytes) / lanes * lanes, lanes, 8192);
     const int64_t wanted = (kTargetTasks + num_groups - 1) / num_groups;
@@ -101,8 +101,8 @@ struct GroupRows {
 // hardware's stream prefetchers follow these sequential rows, and a burst of prefetches for a
 // whole block only stalls the core until they drain (measured slower).
 template <typename scalar_t, typename acc_t>
-void block_rows(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int64_t col, int64_t n,
-                int64_t padded, int64_t pitch, acc_t* buf, const acc_t* zeros, std::vector<const acc_t*>& ptrs) {
+void block_rows(const GroupRows<scalar_t>& src, int64_t group, int64_t rows, int64_t col, int64_t n, int64_t padded,
+                int64_t pitch, acc_t* buf, const acc_t* zeros, std::vector<const acc_t*>& ptrs) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src.row(group, r) + col;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -258,8 +258,8 @@ IMM_VECTOR_CLONES void add_diagonal_tile_sqdist_vec(const double* const* rows, i
   add_diagonal_tile_sqdist(rows, padded, lanes);
 }
 
-IMM_VECTOR_CLONES void add_half_tile_sqdist_vec(const float* const* rows_i, const float* const* rows_j,
-                                                int64_t padded, float* lanes) {
+IMM_VECTOR_CLONES void add_half_tile_sqdist_vec(const float* const* rows_i, const float* const* rows_j, int64_t padded,
+                                                float* lanes) {
   add_half_tile_sqdist(rows_i, rows_j, padded, lanes);
 }
 IMM_VECTOR_CLONES void add_half_tile_sqdist_vec(const double* const* rows_i, const double* const* rows_j,
@@ -336,14 +336,13 @@ IMM_INLINE void apply_pair_coefficients(const acc_t* coeff, const acc_t* const* 
   }
 }
 
-IMM_VECTOR_CLONES void apply_pair_coefficients_vec(const float* coeff, const float* const* z, int64_t i0,
-                                                   int64_t rows, int64_t padded, float* const* out, bool streaming) {
+IMM_VECTOR_CLONES void apply_pair_coefficients_vec(const float* coeff, const float* const* z, int64_t i0, int64_t rows,
+                                                   int64_t padded, float* const* out, bool streaming) {
   streaming ? apply_pair_coefficients<float, true>(coeff, z, i0, rows, padded, out)
             : apply_pair_coefficients<float, false>(coeff, z, i0, rows, padded, out);
 }
 IMM_VECTOR_CLONES void apply_pair_coefficients_vec(const double* coeff, const double* const* z, int64_t i0,
-                                                   int64_t rows, int64_t padded, double* const* out,
-                                                   bool streaming) {
+                                                   int64_t rows, int64_t padded, double* const* out, bool streaming) {
   streaming ? apply_pair_coefficients<double, true>(coeff, z, i0, rows, padded, out)
             : apply_pair_coefficients<double, false>(coeff, z, i0, rows, padded, out);
 }
@@ -453,8 +452,7 @@ void write_group_gradient(const GroupRows<scalar_t>& src, const Plan& plan, int6
   const int64_t rows = plan.rows, pitch = plan.block_cols;
   for (int64_t col = col_begin; col < col_end; col += pitch) {
     const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-    block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
-               scratch.ptrs);
+    block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(), scratch.ptrs);
     // fp32/fp64 whole vectors go straight to dz (streamed when large and 16-byte aligned);
     // converted or ragged blocks go to scratch rows first, as do rows not asked for.
     const bool direct = std::is_same_v<scalar_t, acc_t> && n == padded;
@@ -482,8 +480,7 @@ void write_group_gradient(const GroupRows<scalar_t>& src, const Plan& plan, int6
 }
 
 template <typename scalar_t>
-GradientRows<scalar_t> gradient_rows(at::Tensor& dx, at::Tensor& dy, bool need_dx, bool need_dy,
-                                     int64_t group_size) {
+GradientRows<scalar_t> gradient_rows(at::Tensor& dx, at::Tensor& dy, bool need_dx, bool need_dy, int64_t group_size) {
   const int64_t bytes = (dx.numel() + dy.numel()) * static_cast<int64_t>(sizeof(scalar_t));
   return {need_dx ? dx.data_ptr<scalar_t>() : nullptr, need_dy ? dy.data_ptr<scalar_t>() : nullptr,
           need_dx ? 0 : group_size, need_dy ? 2 * group_size : group_size, bytes >= kStreamingBytes};
@@ -530,9 +527,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
                                 plan.group_size};
   const int64_t rows = plan.rows, tile = rows * rows;
   // Partial S per (group, split); the unsplit case writes S in place.
-  at::Tensor partial = plan.num_splits == 1
-                           ? sqdist
-                           : at::empty({plan.num_groups, plan.num_splits, rows, rows}, sqdist.options());
+  at::Tensor partial =
+      plan.num_splits == 1 ? sqdist : at::empty({plan.num_groups, plan.num_splits, rows, rows}, sqdist.options());
   acc_t* partial_ptr = partial.data_ptr<acc_t>();
   acc_t* sqdist_ptr = sqdist.data_ptr<acc_t>();
   const acc_t* bandwidth_ptr = bandwidth.data_ptr<acc_t>();
@@ -548,15 +544,14 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     std::fill(lanes.begin(), lanes.end(), acc_t(0));
     for (int64_t col = col_begin; col < col_end; col += pitch) {
       const int64_t n = std::min(pitch, col_end - col), padded = round_up(n, L);
-      block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(),
-                 scratch.ptrs);
+      block_rows(src, group, rows, col, n, padded, pitch, scratch.buf.data(), scratch.zeros.data(), scratch.ptrs);
       for (int64_t bi = 0; bi < blocks; ++bi) {
         add_diagonal_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile, padded,
                                      lanes.data() + (bi * blocks + bi) * kTile * kTile * L);
         for (int64_t bj = bi + 1; bj < blocks; ++bj) {
           for (int64_t half = 0; half < kTile; half += kHalfTile) {
-            add_half_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile + half, scratch.ptrs.data() + bj * kTile,
-                                     padded, lanes.data() + ((bi * blocks + bj) * kTile + half) * kTile * L);
+            add_half_tile_sqdist_vec(scratch.ptrs.data() + bi * kTile + half, scratch.ptrs.data() + bj * kTile, padded,
+                                     lanes.data() + ((bi * blocks + bj) * kTile + half) * kTile * L);
           }
         }
       }
@@ -579,8 +574,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
     }
     if (fused_grad != nullptr) {
       const acc_t grad = fused_grad->data_ptr<acc_t>()[group * fused_grad->stride(0)];
-      group_terms(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features, losses,
-                  grad, scratch.coeff.data(), scratch.terms.data());
+      group_terms(sq, group, plan.group_size, bandwidth_ptr[group], weight_ptr[group], eps_c, features, losses, grad,
+                  scratch.coeff.data(), scratch.terms.data());
       write_group_gradient(src, plan, group, col_begin, col_end, fused_dst, scratch);
     }
   });
@@ -733,8 +728,8 @@ std::pair<at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& x, const at
 int64_t release_cached_gradients_cpu() { return static_cast<int64_t>(GradientBlocks::instance().release()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cpu(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
-    int64_t group_size, double eps) {
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size,
+    double eps) {
   check_inputs(x, y, bandwidth, weight, group_size);
   const Plan plan = plan_of(x, group_size, bandwidth);
   at::Tensor loss, sqdist, mmd2, dmmd_db;
@@ -747,8 +742,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
-    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
-    bool need_dy) {
+    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx, bool need_dy) {
   check_inputs(x, y, bandwidth, weight, group_size);
   const Plan plan = plan_of(x, group_size, bandwidth);
   check_backward_inputs(grad_loss, sqdist, bandwidth, plan.num_groups, plan.rows, "native");
@@ -764,8 +758,8 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_with_grad_cpu(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
-    int64_t group_size, double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy) {
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size,
+    double eps, const at::Tensor& grad_loss, bool need_dx, bool need_dy) {
   check_inputs(x, y, bandwidth, weight, group_size);
   const Plan plan = plan_of(x, group_size, bandwidth);
   if (plan.num_splits > 1) {  // S needs every split before A is known: no cache to exploit, two passes

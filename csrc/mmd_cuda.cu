@@ -22,8 +22,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
@@ -50,8 +50,8 @@ __device__ __forceinline__ void load_columns(const scalar_t* __restrict__ x, con
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const bool real = r < 2 * group_size;
-    const scalar_t* row = r < group_size ? x + (group * group_size + r) * stride_x
-                                         : y + (group * group_size + r - group_size) * stride_y;
+    const scalar_t* row =
+        r < group_size ? x + (group * group_size + r) * stride_x : y + (group * group_size + r - group_size) * stride_y;
     if constexpr (VEC > 1) {  // col_end and col are multiples of VEC here
       Packed<scalar_t, VEC> packed{};
       if (real && col < col_end) packed = *reinterpret_cast<const Packed<scalar_t, VEC>*>(row + col);
@@ -93,11 +93,12 @@ __device__ void finalize_group(const acc_t* upper, int lane, int64_t group, int 
 }
 
 template <typename scalar_t, typename acc_t, int MAX_M, int VEC>
-__global__ void __launch_bounds__(kThreads) mmd_forward_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t stride_x, int64_t stride_y,
-    int group_size, int64_t num_features, int64_t cols_per_split, double eps, const acc_t* __restrict__ bandwidth,
-    const acc_t* __restrict__ weight, acc_t* __restrict__ partial, acc_t* __restrict__ loss,
-    acc_t* __restrict__ sqdist, acc_t* __restrict__ mmd2, acc_t* __restrict__ dmmd_db) {
+__global__ void __launch_bounds__(kThreads)
+    mmd_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t stride_x,
+                       int64_t stride_y, int group_size, int64_t num_features, int64_t cols_per_split, double eps,
+                       const acc_t* __restrict__ bandwidth, const acc_t* __restrict__ weight,
+                       acc_t* __restrict__ partial, acc_t* __restrict__ loss, acc_t* __restrict__ sqdist,
+                       acc_t* __restrict__ mmd2, acc_t* __restrict__ dmmd_db) {
   constexpr int ROWS = 2 * MAX_M, PAIRS = ROWS * (ROWS + 1) / 2;
   __shared__ acc_t warp_sums[kWarps][PAIRS];
   __shared__ acc_t block_sums[PAIRS];
@@ -139,20 +140,22 @@ __global__ void __launch_bounds__(kThreads) mmd_forward_kernel(
   __syncthreads();
 
   if (num_splits > 1) {
-    for (int p = threadIdx.x; p < PAIRS; p += kThreads) partial[(group * num_splits + split) * PAIRS + p] = block_sums[p];
+    for (int p = threadIdx.x; p < PAIRS; p += kThreads)
+      partial[(group * num_splits + split) * PAIRS + p] = block_sums[p];
   } else if (warp == 0) {
-    finalize_group<acc_t, ROWS>(block_sums, lane, group, group_size, bandwidth, weight, eps, num_features, loss,
-                                sqdist, mmd2, dmmd_db);
+    finalize_group<acc_t, ROWS>(block_sums, lane, group, group_size, bandwidth, weight, eps, num_features, loss, sqdist,
+                                mmd2, dmmd_db);
   }
 }
 
 // One warp per group: its lanes add the partial S in split order, then finalise it as the
 // forward kernel does an unsplit group.
 template <typename acc_t, int MAX_M>
-__global__ void __launch_bounds__(kFinalizeWarps * kWarpSize) mmd_finalize_kernel(
-    const acc_t* __restrict__ partial, int64_t num_groups, int64_t num_splits, int group_size, int64_t num_features,
-    double eps, const acc_t* __restrict__ bandwidth, const acc_t* __restrict__ weight, acc_t* __restrict__ loss,
-    acc_t* __restrict__ sqdist, acc_t* __restrict__ mmd2, acc_t* __restrict__ dmmd_db) {
+__global__ void __launch_bounds__(kFinalizeWarps* kWarpSize)
+    mmd_finalize_kernel(const acc_t* __restrict__ partial, int64_t num_groups, int64_t num_splits, int group_size,
+                        int64_t num_features, double eps, const acc_t* __restrict__ bandwidth,
+                        const acc_t* __restrict__ weight, acc_t* __restrict__ loss, acc_t* __restrict__ sqdist,
+                        acc_t* __restrict__ mmd2, acc_t* __restrict__ dmmd_db) {
   constexpr int ROWS = 2 * MAX_M, PAIRS = ROWS * (ROWS + 1) / 2;
   __shared__ acc_t upper[kFinalizeWarps][PAIRS];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -160,8 +163,8 @@ __global__ void __launch_bounds__(kFinalizeWarps * kWarpSize) mmd_finalize_kerne
   if (group >= num_groups) return;  // whole warps leave: the shuffles see full warps
   for (int p = lane; p < PAIRS; p += kWarpSize) upper[warp][p] = split_total<PAIRS>(partial, group, num_splits, p);
   __syncwarp();
-  finalize_group<acc_t, ROWS>(upper[warp], lane, group, group_size, bandwidth, weight, eps, num_features, loss,
-                              sqdist, mmd2, dmmd_db);
+  finalize_group<acc_t, ROWS>(upper[warp], lane, group, group_size, bandwidth, weight, eps, num_features, loss, sqdist,
+                              mmd2, dmmd_db);
 }
 
 // A_ij from shared memory. Up to MAX_M = 4 the compiler keeps all (2M)^2 values in
@@ -177,11 +180,12 @@ __device__ __forceinline__ acc_t coefficient(const acc_t (&coeff)[2 * MAX_M][2 *
 }
 
 template <typename scalar_t, typename acc_t, int MAX_M, int VEC>
-__global__ void __launch_bounds__(kThreads) mmd_backward_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t stride_x, int64_t stride_y,
-    scalar_t* __restrict__ dx, scalar_t* __restrict__ dy, const acc_t* __restrict__ grad_loss, int64_t grad_stride,
-    const acc_t* __restrict__ sqdist, const acc_t* __restrict__ bandwidth, const acc_t* __restrict__ weight,
-    int group_size, int64_t num_features, int64_t cols_per_split, double eps) {
+__global__ void __launch_bounds__(kThreads)
+    mmd_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t stride_x,
+                        int64_t stride_y, scalar_t* __restrict__ dx, scalar_t* __restrict__ dy,
+                        const acc_t* __restrict__ grad_loss, int64_t grad_stride, const acc_t* __restrict__ sqdist,
+                        const acc_t* __restrict__ bandwidth, const acc_t* __restrict__ weight, int group_size,
+                        int64_t num_features, int64_t cols_per_split, double eps) {
   constexpr int ROWS = 2 * MAX_M;
   __shared__ acc_t coeff[ROWS][ROWS];
   const int64_t group = blockIdx.x, split = blockIdx.y;
@@ -193,8 +197,7 @@ __global__ void __launch_bounds__(kThreads) mmd_backward_kernel(
     const int i = e / ROWS, j = e % ROWS;
     acc_t a = 0;
     if (i < rows && j < rows) {
-      const LaplaceTerms<acc_t> terms(sqdist[group * rows * rows + i * rows + j], b, static_cast<acc_t>(eps),
-                                      features);
+      const LaplaceTerms<acc_t> terms(sqdist[group * rows * rows + i * rows + j], b, static_cast<acc_t>(eps), features);
       a = terms.close ? acc_t(0) : scale * pair_sign<acc_t>(i, j, group_size) * terms.kern / terms.dist;
     }
     coeff[i][j] = a;
@@ -300,8 +303,8 @@ void dispatch_shape(const Plan& plan, Body&& body) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cuda(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight,
-    int64_t group_size, double eps) {
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size,
+    double eps) {
   check_inputs(x, y, bandwidth, weight, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   const Plan plan = make_plan(x, y, group_size);
@@ -316,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cuda(
     dispatch_shape<scalar_t>(plan, [&](auto max_m, auto vec) {
       constexpr int MAX_M = decltype(max_m)::value, VEC = decltype(vec)::value;
       constexpr int PAIRS = 2 * MAX_M * (2 * MAX_M + 1) / 2;
-      at::Tensor partial = plan.num_splits > 1 ? at::empty({plan.num_groups, plan.num_splits, PAIRS}, options)
-                                               : at::empty({0}, options);
+      at::Tensor partial =
+          plan.num_splits > 1 ? at::empty({plan.num_groups, plan.num_splits, PAIRS}, options) : at::empty({0}, options);
       const dim3 grid(static_cast<unsigned>(plan.num_groups), static_cast<unsigned>(plan.num_splits));
       mmd_forward_kernel<scalar_t, acc_t, MAX_M, VEC><<<grid, kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.stride(0), y.stride(0), static_cast<int>(group_size),
@@ -340,8 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor> mmd_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sqdist,
-    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx,
-    bool need_dy) {
+    const at::Tensor& bandwidth, const at::Tensor& weight, int64_t group_size, double eps, bool need_dx, bool need_dy) {
   check_inputs(x, y, bandwidth, weight, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   const Plan plan = make_plan(x, y, group_size);

@@ -14,4 +14,17 @@ from .precond import Preconditioner
 
 __version__ = "0.1.0"
 
-__all__ = ["mmd_loss", "backends", "BackendUnavailableError", "empty_native_cache", "__version__", "schedules", "Preconditioner", "IMMLoss", "adaln_modulate", "adaln_residual_modulate", "timestep_embedding", "sampling"]
+__all__ = [
+    "mmd_loss",
+    "backends",
+    "BackendUnavailableError",
+    "empty_native_cache",
+    "__version__",
+    "schedules",
+    "Preconditioner",
+    "IMMLoss",
+    "adaln_modulate",
+    "adaln_residual_modulate",
+    "timestep_embedding",
+    "sampling",
+]

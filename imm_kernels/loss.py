@@ -90,6 +90,7 @@ class IMMLoss(nn.Module):
         eta_min, eta_max))), drawn and computed in float64. Draws, in order: G uniforms for t,
         then G for s.
         """
+
         def uniform() -> Tensor:
             return torch.rand(num_groups, dtype=torch.float64, device=device, generator=generator)
 
@@ -113,8 +114,11 @@ class IMMLoss(nn.Module):
         schedule = self.precond.schedule
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
         weight = (
-            0.5 * torch.sigmoid(self.b - schedule.logsnr(t)) * -schedule.dlogsnr_dt(t)
-            * alpha**self.a / (alpha**2 + sigma**2)
+            0.5
+            * torch.sigmoid(self.b - schedule.logsnr(t))
+            * -schedule.dlogsnr_dt(t)
+            * alpha**self.a
+            / (alpha**2 + sigma**2)
         )
         # The limit at t = 0 is 0 (sigmoid(b - lambda) ~ e^b·eta² outruns -dlambda/dt ~ 2/t);
         # the formula itself reads 0·inf there.
@@ -166,11 +170,19 @@ class IMMLoss(nn.Module):
         # receives a gradient of 1 from .backward(), the one for which the fused kernels compute dx
         # in the forward (a .mean() would send 1/G, and that dx would be computed again).
         terms = mmd_loss(
-            student, target, self.group_size, self.kernel_bandwidth(s64, t64), weight / num_groups,
-            reduction="none", backend=self.backend,
+            student,
+            target,
+            self.group_size,
+            self.kernel_bandwidth(s64, t64),
+            weight / num_groups,
+            reduction="none",
+            backend=self.backend,
         )
         stats = {
-            "s": s, "r": r, "t": t, "time_weight": weight.to(terms.dtype),
+            "s": s,
+            "r": r,
+            "t": t,
+            "time_weight": weight.to(terms.dtype),
             "weighted_mmd": terms.detach() * num_groups,
         }
         return terms.sum(), stats

@@ -250,7 +250,10 @@ class Preconditioner(nn.Module):
         s = self._per_sample(s, "s", batch_size, x)
         labels = self.as_one_hot(class_labels, batch_size, x.device)
         both = self._run_backbone(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([labels, torch.zeros_like(labels)]),
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([s, s]),
+            torch.cat([labels, torch.zeros_like(labels)]),
             force_fp32,
         )
         conditional, unconditional = both.chunk(2)

@@ -28,8 +28,13 @@ class RecordingBackbone(nn.Module):
         mask = self.dropout(torch.ones_like(x))
         mlp_out = self.mlp(torch.cat(inputs, 1)).view_as(x)
         self.calls.append(
-            {"c_noise_t": c_noise_t.detach().clone(), "mask": mask.detach().clone(), "out_dtype": mlp_out.dtype,
-             "labels": None if class_labels is None else class_labels.clone(), "grad": torch.is_grad_enabled()}
+            {
+                "c_noise_t": c_noise_t.detach().clone(),
+                "mask": mask.detach().clone(),
+                "out_dtype": mlp_out.dtype,
+                "labels": None if class_labels is None else class_labels.clone(),
+                "grad": torch.is_grad_enabled(),
+            }
         )
         return mlp_out * mask
 
@@ -153,7 +158,10 @@ def test_forward_equals_transcription_of_the_seven_steps(
 ):
     torch.manual_seed(0)
     net = Preconditioner(
-        RecordingBackbone(label_dim=label_dim).double(), schedule=schedule, param=param, time_embed=time_embed,
+        RecordingBackbone(label_dim=label_dim).double(),
+        schedule=schedule,
+        param=param,
+        time_embed=time_embed,
         label_dim=label_dim,
     )
     loss_fn = IMMLoss(net, group_size=group_size, k=k, eps=eps, T=T, label_dropout=label_dropout, backend="torch")
@@ -270,8 +278,11 @@ def test_backward_takes_the_gradient_the_fused_forward_computed(backend, monkeyp
         return kernels.refresh_grad(grad_loss, expected, *args)
 
     kernels = chosen.mmd
-    monkeypatch.setattr(chosen, "mmd", kernels._replace(
-        backward=counting_backward, refresh_grad=kernels.refresh_grad and checking_refresh))
+    monkeypatch.setattr(
+        chosen,
+        "mmd",
+        kernels._replace(backward=counting_backward, refresh_grad=kernels.refresh_grad and checking_refresh),
+    )
     loss, _ = IMMLoss(Preconditioner(RecordingBackbone()), backend=backend)(torch.randn(16, 6))
     loss.backward()
     assert recomputed == [] and all(refreshed)

@@ -33,8 +33,13 @@ class TinyBackbone(nn.Module):
             inputs.append(class_labels)
         out = self.mlp(torch.cat(inputs, 1)).view_as(x)
         self.calls.append(
-            {"x": x.detach().clone(), "c_noise_t": c_noise_t.clone(), "c_noise_s": c_noise_s.clone(),
-             "labels": None if class_labels is None else class_labels.clone(), "out_dtype": out.dtype}
+            {
+                "x": x.detach().clone(),
+                "c_noise_t": c_noise_t.clone(),
+                "c_noise_s": c_noise_s.clone(),
+                "labels": None if class_labels is None else class_labels.clone(),
+                "out_dtype": out.dtype,
+            }
         )
         return out
 

@@ -28,8 +28,9 @@ FIRST_CONTACT_TESTS = ("ops", "sampling/test_sampling.py", "models/test_dit.py")
 
 def dry_run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "STAGE_BUDGET_S")}
-    return subprocess.run(["bash", str(script), "--dry-run", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        ["bash", str(script), "--dry-run", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def succeeded(run: subprocess.CompletedProcess) -> bool:
@@ -62,8 +63,13 @@ def test_first_contact_dry_run_shows_build_tests_and_headline_rows(tmp_path):
     assert "-m not\\ cpu_only" in text
     assert "left out, marked cpu_only" in text and "tests/ops/test_mmd_backends.py::test_native_" in text
     assert "python3 benchmarks/first_contact.py --out" in text
-    for row in ("mmd fwd+bwd 4096x4x4096 bfloat16", "mmd fwd+bwd 64x4x1048576 float32", "imm_kernels[cuda]",
-                "adaln_residual fwd+bwd 64x256x1152 bfloat16", "DiT-XL/2 8 steps cfg 1.5 B=16"):
+    for row in (
+        "mmd fwd+bwd 4096x4x4096 bfloat16",
+        "mmd fwd+bwd 64x4x1048576 float32",
+        "imm_kernels[cuda]",
+        "adaln_residual fwd+bwd 64x256x1152 bfloat16",
+        "DiT-XL/2 8 steps cfg 1.5 B=16",
+    ):
         assert row in text
     assert not out.exists()  # a dry run writes nothing
 
@@ -88,21 +94,29 @@ def test_bench_full_chunks_cover_every_benchmark():
 
 # Every file some stage runs, as placeholders: the dry run must stop at the one that is missing.
 STAGE_FILES = [
-    "setup.py", "tests/conftest.py", *(f"tests/{name}" for name in FIRST_CONTACT_TESTS),
-    "benchmarks/conftest.py", "benchmarks/timing.py", "benchmarks/first_contact.py",
+    "setup.py",
+    "CMakeLists.txt",
+    "tests/conftest.py",
+    *(f"tests/{name}" for name in FIRST_CONTACT_TESTS),
+    "benchmarks/conftest.py",
+    "benchmarks/timing.py",
+    "benchmarks/first_contact.py",
     *(f"benchmarks/bench_{op}.py" for op in ("mmd", "timestep", "adaln", "dit", "sampling")),
 ]
 
 
-@pytest.mark.parametrize("stage, missing", [
-    (["first-contact"], "benchmarks/first_contact.py"),
-    (["first-contact"], "tests/models/test_dit.py"),
-    (["tests"], "tests/conftest.py"),
-    (["bench-full", "9"], "benchmarks/bench_sampling.py"),
-    (["bench-full"], "benchmarks/bench_adaln.py"),
-    (["bench", "benchmarks/bench_timestep.py"], "benchmarks/timing.py"),
-    (["all"], "setup.py"),
-])
+@pytest.mark.parametrize(
+    "stage, missing",
+    [
+        (["first-contact"], "benchmarks/first_contact.py"),
+        (["first-contact"], "tests/models/test_dit.py"),
+        (["tests"], "tests/conftest.py"),
+        (["bench-full", "9"], "benchmarks/bench_sampling.py"),
+        (["bench-full"], "benchmarks/bench_adaln.py"),
+        (["bench", "benchmarks/bench_timestep.py"], "benchmarks/timing.py"),
+        (["all"], "setup.py"),
+    ],
+)
 def test_dry_run_fails_when_a_file_it_runs_is_missing(tmp_path, stage, missing):
     for name in STAGE_FILES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -190,9 +204,11 @@ def process_gone(pid: int) -> bool:
 
 
 def test_a_section_is_stopped_at_its_limit_with_everything_it_started(first_contact, tmp_path):
-    grandchild = "import subprocess, sys, time; " \
-                 "print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid, flush=True); " \
-                 "time.sleep(60)"
+    grandchild = (
+        "import subprocess, sys, time; "
+        "print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid, flush=True); "
+        "time.sleep(60)"
+    )
     log_path = tmp_path / "log"
     with open(log_path, "w") as log:
         start = time.monotonic()
@@ -205,4 +221,3 @@ def test_a_section_is_stopped_at_its_limit_with_everything_it_started(first_cont
     while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process_gone(pid)
-

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from torch import nn
 
-from helpers import cli_fails
 from imm_kernels import IMMLoss, Preconditioner
 from imm_kernels.train.trainer import TrainConfig
 from imm_kernels.validation import (
@@ -21,6 +20,8 @@ from imm_kernels.validation import (
     check_rate,
     check_time_range,
 )
+
+from helpers import cli_fails
 
 
 def raised(error: type[Exception], check, *args, **kwargs) -> str:
@@ -36,7 +37,8 @@ def test_check_choice():
     assert check_choice("kind", "edm", ("uniform", "edm")) == "edm"
     assert check_choice("mixed_precision", None, (None, "bf16")) is None
     assert raised(ValueError, check_choice, "kind", "cosine", ("uniform", "edm")) == (
-        "kind must be one of ('uniform', 'edm'), got 'cosine'")
+        "kind must be one of ('uniform', 'edm'), got 'cosine'"
+    )
     assert raised(ValueError, check_choice, "schedule", None, ("fm",)) == "schedule must be one of ('fm',), got None"
 
 
@@ -60,7 +62,8 @@ def test_check_finite():
     assert raised(ValueError, check_finite, "lr", False) == "lr must be a finite number, got False"
     assert raised(ValueError, check_finite, "lr", 0, positive=True) == "lr must be positive, got 0"
     assert raised(ValueError, check_finite, "weight_decay", -0.5, nonnegative=True) == (
-        "weight_decay must be >= 0, got -0.5")
+        "weight_decay must be >= 0, got -0.5"
+    )
 
 
 def test_check_ints():
@@ -77,7 +80,8 @@ def test_check_probability_and_check_rate():
     assert check_rate("ema_decay", 0) == 0.0 and check_rate("dropout", 0.5) == 0.5
     for bad in (1.5, -0.1, math.nan, True, "0.1"):
         assert raised(ValueError, check_probability, "label_dropout", bad) == (
-            f"label_dropout must be a probability in [0, 1], got {bad!r}")
+            f"label_dropout must be a probability in [0, 1], got {bad!r}"
+        )
     for bad in (1.0, -0.1, math.nan, False):
         assert raised(ValueError, check_rate, "ema_decay", bad) == f"ema_decay must be in [0, 1), got {bad!r}"
 
@@ -86,11 +90,14 @@ def test_check_time_range():
     assert check_time_range(0, 1) == (0.0, 1.0)
     assert check_time_range(0.002, 0.994, finite_eta=True) == (0.002, 0.994)
     assert raised(ValueError, check_time_range, 0.5, 0.5) == (
-        "the times must satisfy 0 <= eps < T <= 1, got eps=0.5, T=0.5")
+        "the times must satisfy 0 <= eps < T <= 1, got eps=0.5, T=0.5"
+    )
     assert raised(ValueError, check_time_range, -0.1, 0.5) == (
-        "the times must satisfy 0 <= eps < T <= 1, got eps=-0.1, T=0.5")
+        "the times must satisfy 0 <= eps < T <= 1, got eps=-0.1, T=0.5"
+    )
     assert raised(ValueError, check_time_range, 0.0, 1.0, finite_eta=True) == (
-        "the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps=0.0, T=1.0")
+        "the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps=0.0, T=1.0"
+    )
     assert raised(TypeError, check_time_range, 0.0, "1") == "T must be a number, got str"
     assert raised(TypeError, check_time_range, None, 0.5) == "eps must be a number, got NoneType"
 
@@ -111,31 +118,68 @@ LAYERS = {
 
 SAME_MESSAGE_CASES = [
     # (arguments, the layers that take them, `imm-kernels train` flags or None for argparse choices, message)
-    (dict(schedule="cosine"), ("Preconditioner", "TrainConfig"), None,
-     "schedule must be one of ('fm', 'vp_cosine'), got 'cosine'"),
-    (dict(param="edm"), ("Preconditioner", "TrainConfig"), None,
-     "param must be one of ('euler_fm', 'simple_edm', 'identity'), got 'edm'"),
-    (dict(time_embed="sum"), ("Preconditioner", "TrainConfig"), None,
-     "time_embed must be one of ('identity', 'stride'), got 'sum'"),
-    (dict(schedule="vp_cosine"), ("Preconditioner", "TrainConfig"), ["--schedule", "vp_cosine"],
-     "param='euler_fm' needs schedule='fm', got schedule='vp_cosine'"),
-    (dict(sigma_data=0.0), ("Preconditioner", "TrainConfig"), ["--sigma-data", "0"],
-     "sigma_data must be positive, got 0.0"),
-    (dict(eps=0.5, T=0.5), ("IMMLoss", "TrainConfig"), ["--eps", "0.5", "--T", "0.5"],
-     "the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps=0.5, T=0.5"),
-    (dict(T=1.0), ("IMMLoss", "TrainConfig"), ["--T", "1"],
-     "the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps=0.0, T=1.0"),
+    (
+        dict(schedule="cosine"),
+        ("Preconditioner", "TrainConfig"),
+        None,
+        "schedule must be one of ('fm', 'vp_cosine'), got 'cosine'",
+    ),
+    (
+        dict(param="edm"),
+        ("Preconditioner", "TrainConfig"),
+        None,
+        "param must be one of ('euler_fm', 'simple_edm', 'identity'), got 'edm'",
+    ),
+    (
+        dict(time_embed="sum"),
+        ("Preconditioner", "TrainConfig"),
+        None,
+        "time_embed must be one of ('identity', 'stride'), got 'sum'",
+    ),
+    (
+        dict(schedule="vp_cosine"),
+        ("Preconditioner", "TrainConfig"),
+        ["--schedule", "vp_cosine"],
+        "param='euler_fm' needs schedule='fm', got schedule='vp_cosine'",
+    ),
+    (
+        dict(sigma_data=0.0),
+        ("Preconditioner", "TrainConfig"),
+        ["--sigma-data", "0"],
+        "sigma_data must be positive, got 0.0",
+    ),
+    (
+        dict(eps=0.5, T=0.5),
+        ("IMMLoss", "TrainConfig"),
+        ["--eps", "0.5", "--T", "0.5"],
+        "the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps=0.5, T=0.5",
+    ),
+    (
+        dict(T=1.0),
+        ("IMMLoss", "TrainConfig"),
+        ["--T", "1"],
+        "the times must satisfy 0 <= eps < T < 1 (eta(T) must be finite), got eps=0.0, T=1.0",
+    ),
     (dict(group_size=0), ("IMMLoss", "TrainConfig"), ["--group-size", "0"], "group_size must be an int >= 1, got 0"),
     (dict(k=-1), ("IMMLoss", "TrainConfig"), ["--k", "-1"], "k must be a non-negative int, got -1"),
-    (dict(label_dropout=1.5), ("IMMLoss", "TrainConfig"), ["--label-dropout", "1.5"],
-     "label_dropout must be a probability in [0, 1], got 1.5"),
-    (dict(backend="fused"), ("IMMLoss", "TrainConfig"), None,
-     "backend must be one of ('auto', 'triton', 'native', 'cuda', 'torch'), got 'fused'"),
+    (
+        dict(label_dropout=1.5),
+        ("IMMLoss", "TrainConfig"),
+        ["--label-dropout", "1.5"],
+        "label_dropout must be a probability in [0, 1], got 1.5",
+    ),
+    (
+        dict(backend="fused"),
+        ("IMMLoss", "TrainConfig"),
+        None,
+        "backend must be one of ('auto', 'triton', 'native', 'cuda', 'torch'), got 'fused'",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    "arguments, layers, flags, message", SAME_MESSAGE_CASES,
+    "arguments, layers, flags, message",
+    SAME_MESSAGE_CASES,
     ids=[",".join(f"{name}={value}" for name, value in case[0].items()) for case in SAME_MESSAGE_CASES],
 )
 def test_a_bad_value_gets_one_message_from_every_layer(tmp_path, capsys, arguments, layers, flags, message):

@@ -23,17 +23,29 @@ parse_batch_sizes = comma_separated_counts("batch sizes", "1,4,16")
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench-sampling", help="latency per sampling call: eager, compiled, graphed")
-    parser.add_argument("--model", choices=BENCH_MODELS, default=None,
-                        help="random-weight model (default: dit-s2 on CUDA, tiny on a CPU)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="bf16: bf16 weights; bf16-autocast: fp32 weights under autocast "
-                             "(default: bf16 for a DiT on CUDA, else fp32)")
+    parser.add_argument(
+        "--model",
+        choices=BENCH_MODELS,
+        default=None,
+        help="random-weight model (default: dit-s2 on CUDA, tiny on a CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="bf16: bf16 weights; bf16-autocast: fp32 weights under autocast "
+        "(default: bf16 for a DiT on CUDA, else fp32)",
+    )
     parser.add_argument("--batch", type=parse_batch_sizes, default=None, help="comma-separated batch sizes")
     parser.add_argument("--steps", type=parse_step_counts, default=None, help="comma-separated step counts")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="the guided rows' scale (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (median)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="include torch.compile(mode='reduce-overhead') (default: on CUDA only)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include torch.compile(mode='reduce-overhead') (default: on CUDA only)",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 1, steps 1 and 8, 3 repeats")
     parser.set_defaults(run=run)
 
@@ -53,16 +65,21 @@ def run(args) -> None:
         net, sample_shape = bench_net(model, device, args.precision)
     except (*SETUP_ERRORS, ImportError) as err:
         fail("bench-sampling", err)
-    providers = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler") if use_compile else (
-        "eager", "GraphedSampler")
+    providers = (
+        ("eager", "torch.compile(reduce-overhead)", "GraphedSampler") if use_compile else ("eager", "GraphedSampler")
+    )
     name = torch.cuda.get_device_name() if on_cuda else f"CPU, {torch.get_num_threads()} threads"
     precision = args.precision or ("bf16" if on_cuda and model != "tiny" else "fp32")
-    print(f"imm-kernels bench-sampling: {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, "
-          f"{precision}, samples {'x'.join(map(str, sample_shape))}), pushforward on a uniform grid, {name}, "
-          f"torch {torch.__version__}; ms per call, median of {repeats}")
+    print(
+        f"imm-kernels bench-sampling: {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, "
+        f"{precision}, samples {'x'.join(map(str, sample_shape))}), pushforward on a uniform grid, {name}, "
+        f"torch {torch.__version__}; ms per call, median of {repeats}"
+    )
     if not on_cuda:
-        print("no GPU: GraphedSampler runs the eager sampler here (no CUDA graphs), so its column is the eager path "
-              "behind the same API" + ("" if use_compile else "; torch.compile skipped (--compile to include it)"))
+        print(
+            "no GPU: GraphedSampler runs the eager sampler here (no CUDA graphs), so its column is the eager path "
+            "behind the same API" + ("" if use_compile else "; torch.compile skipped (--compile to include it)")
+        )
     header = f"{'batch':>5} {'steps':>5} {'cfg':>5} {'eager':>9}"
     header += f" {'compiled':>9}" if use_compile else ""
     header += f" {'graphed':>9} {'vs eager':>8}" + (f" {'vs comp.':>8}" if use_compile else "")
@@ -87,5 +104,6 @@ def run(args) -> None:
                     line += f" {100 * kernel_time_ms(calls['GraphedSampler']) / graphed:7.1f}%"
                 print(line, flush=True)
     if on_cuda:
-        print("GPU busy: summed kernel and copy time of one GraphedSampler call (torch.profiler) / its median "
-              "wall time")
+        print(
+            "GPU busy: summed kernel and copy time of one GraphedSampler call (torch.profiler) / its median wall time"
+        )

@@ -17,9 +17,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: the train default)")
     parser.add_argument("--seed", type=int, help="seed of init, data order and draws (default: 0)")
     parser.add_argument("--group-size", type=int, default=4, help="M, particles per group (default: %(default)s)")
-    parser.add_argument("--compare-m1", action="store_true",
-                        help="also train M=1 (the consistency-style baseline) with the same budget; "
-                             "about doubles the time")
+    parser.add_argument(
+        "--compare-m1",
+        action="store_true",
+        help="also train M=1 (the consistency-style baseline) with the same budget; about doubles the time",
+    )
     parser.add_argument("--num-samples", type=int, default=1000, help="samples per table row (default: %(default)s)")
     parser.set_defaults(run=run)
 
@@ -44,27 +46,43 @@ def run(args) -> None:
             )
     except SETUP_ERRORS as err:
         fail("demo", err)
-    print(f"imm-kernels demo: IMM on sklearn's 8x8 digits, {torch.get_num_threads()} CPU thread(s)"
-          if not torch.cuda.is_available() else "imm-kernels demo: IMM on sklearn's 8x8 digits, on CUDA")
+    print(
+        f"imm-kernels demo: IMM on sklearn's 8x8 digits, {torch.get_num_threads()} CPU thread(s)"
+        if not torch.cuda.is_available()
+        else "imm-kernels demo: IMM on sklearn's 8x8 digits, on CUDA"
+    )
     trained, train_seconds = {}, {}
     for m, config in configs.items():
-        print(f"\ntraining M={m}: {config.steps} steps, batch {config.batch}, lr {config.lr}, "
-              f"EMA {config.ema_decay} -> {out / f'm{m}'}")
+        print(
+            f"\ntraining M={m}: {config.steps} steps, batch {config.batch}, lr {config.lr}, "
+            f"EMA {config.ema_decay} -> {out / f'm{m}'}"
+        )
         trainer = Trainer(config, out / f"m{m}", overwrite=True)
         summary = trainer.train()
         train_seconds[m] = summary["wall_s"]
         trained[m] = trainer.ema.cpu().float()
         print(f"M={m}: {config.steps} steps in {summary['wall_s']:.0f} s ({summary['samples_per_s']:.0f} samples/s)")
-    grids = [save_steps_grid(net, out / f"samples_m{m}.png", (1, 8, 8), seed=trainer.config.seed)
-             for m, net in trained.items()]
+    grids = [
+        save_steps_grid(net, out / f"samples_m{m}.png", (1, 8, 8), seed=trainer.config.seed)
+        for m, net in trained.items()
+    ]
 
-    print("\nevaluating: FD to the held-out digits in a digit classifier's features, "
-          f"and its confidence, on {args.num_samples} samples each")
+    print(
+        "\nevaluating: FD to the held-out digits in a digit classifier's features, "
+        f"and its confidence, on {args.num_samples} samples each"
+    )
     evaluator = DigitsEvaluator(seed=0)
     models = {f"trained M={m} (EMA)" if len(trained) > 1 else "trained (EMA)": net for m, net in trained.items()}
-    rows = digits_metric_rows(models, evaluator, untrained=untrained_net(trainer.config, trainer.data_info),
-                              num_samples=args.num_samples, seed=trainer.config.seed)
+    rows = digits_metric_rows(
+        models,
+        evaluator,
+        untrained=untrained_net(trainer.config, trainer.data_info),
+        num_samples=args.num_samples,
+        seed=trainer.config.seed,
+    )
     print(format_metric_table(rows))
     print(f"\nsamples (rows: 1, 2, 4, 8 steps): {', '.join(map(str, grids))}")
-    print(f"training {' + '.join(f'{s:.0f} s (M={m})' for m, s in train_seconds.items())}; "
-          f"total {time.perf_counter() - started:.0f} s")
+    print(
+        f"training {' + '.join(f'{s:.0f} s (M={m})' for m, s in train_seconds.items())}; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )

@@ -16,8 +16,12 @@ from ..sampling.latency import interleaved_medians_ms
 def add_parser(commands) -> None:
     parser = commands.add_parser("report", help="backends, accuracy and timings of mmd_loss here")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per provider (median)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="skip the torch.compile provider (its warm-up takes a while on a CPU)")
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the torch.compile provider (its warm-up takes a while on a CPU)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -78,12 +82,16 @@ def run(args) -> None:
     if auto_name != "torch":  # otherwise it is the eager reference again
         providers[f"mmd_loss (auto -> {auto_name})"] = step(mmd_loss)
 
-    print(f"\nforward+backward, B={batch} M={group_size} D={num_features} {str(dtype)[6:]} on {name}, "
-          f"median of {args.repeats}:")
+    print(
+        f"\nforward+backward, B={batch} M={group_size} D={num_features} {str(dtype)[6:]} on {name}, "
+        f"median of {args.repeats}:"
+    )
     medians = interleaved_medians_ms(providers, args.repeats, warmup=1)
     baseline = medians["eager reference"]
     for label, ms in medians.items():
         print(f"  {label:<28} {ms:9.3f} ms   {baseline / ms:5.2f}x vs eager")
     if device.type == "cpu" and auto_name == "torch":
-        print("  mmd_loss (auto) runs the eager reference here: the native C++ backend is not built"
-              " (see `backends` above).")
+        print(
+            "  mmd_loss (auto) runs the eager reference here: the native C++ backend is not built"
+            " (see `backends` above)."
+        )

@@ -15,22 +15,42 @@ from .common import SETUP_ERRORS, fail, parse_step_counts
 def add_parser(commands) -> None:
     parser = commands.add_parser("sample", help="few-step samples of a checkpoint as one PNG, a row per step count")
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint folder")
-    parser.add_argument("--steps", type=parse_step_counts, default=(1, 2, 4, 8),
-                        help="comma-separated step counts, one row each, same noise (default: 1,2,4,8)")
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="classifier-free guidance scale (conditional checkpoints; default: no guidance)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="samples per step count (default: 16 images, 1000 points for 2-D data)")
+    parser.add_argument(
+        "--steps",
+        type=parse_step_counts,
+        default=(1, 2, 4, 8),
+        help="comma-separated step counts, one row each, same noise (default: 1,2,4,8)",
+    )
+    parser.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (conditional checkpoints; default: no guidance)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="samples per step count (default: 16 images, 1000 points for 2-D data)"
+    )
     parser.add_argument("--sampler", choices=SAMPLERS, default="pushforward", help="(default: %(default)s)")
-    parser.add_argument("--grid", choices=GRID_KINDS, default="uniform",
-                        help="time grid: uniform in t, edm (rho=7 in eta) or eta (--mid-eta) (default: %(default)s)")
-    parser.add_argument("--mid-eta", type=_float_list, default=None, metavar="ETA[,ETA...]",
-                        help="intermediate eta values for --grid eta, e.g. 1.4 for 2 steps")
+    parser.add_argument(
+        "--grid",
+        choices=GRID_KINDS,
+        default="uniform",
+        help="time grid: uniform in t, edm (rho=7 in eta) or eta (--mid-eta) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mid-eta",
+        type=_float_list,
+        default=None,
+        metavar="ETA[,ETA...]",
+        help="intermediate eta values for --grid eta, e.g. 1.4 for 2 steps",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                        help="auto: CUDA when available (default: %(default)s)")
-    parser.add_argument("--out", required=True,
-                        help="PNG to write (a .npy array for vector data other than 2-D points)")
+    parser.add_argument(
+        "--device", choices=DEVICE_CHOICES, default="auto", help="auto: CUDA when available (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="PNG to write (a .npy array for vector data other than 2-D points)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -89,8 +109,7 @@ def run(args) -> None:
             raise ValueError(f"--batch must be >= 1, got {batch}")
         if data_info.kind == "vector" and not is_points and out.suffix != ".npy":
             raise ValueError(f"--out must end in .npy for {data_info.shape} vectors (an array of samples), got {out}")
-        grids = {n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=config.schedule)
-                 for n in args.steps}
+        grids = {n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=config.schedule) for n in args.steps}
         device = _sample_device(args.device)
     except SETUP_ERRORS as err:
         fail("sample", err)
@@ -99,24 +118,30 @@ def run(args) -> None:
     noise = prior_noise(net, batch, data_info.shape, args.seed)
     labels = balanced_labels(net, batch)
     rows = []
-    for num_steps, grid in grids.items():
-        sampler = GraphedSampler(net, batch, grid, args.cfg_scale, sampler=args.sampler,
-                                 sample_shape=data_info.shape)
+    for grid in grids.values():
+        sampler = GraphedSampler(net, batch, grid, args.cfg_scale, sampler=args.sampler, sample_shape=data_info.shape)
         generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # restart's fresh noise
         rows.append(sampler(noise, labels, generator=generator).float().cpu())
     mode = "CUDA graph" if device.type == "cuda" else "eager, CPU"
-    print(f"sampled {batch} x steps {','.join(map(str, grids))} ({args.sampler}, {args.grid} grid, "
-          f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}")
+    print(
+        f"sampled {batch} x steps {','.join(map(str, grids))} ({args.sampler}, {args.grid} grid, "
+        f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     if data_info.kind == "image":
         save_image_grid(torch.cat(rows), out, nrow=batch)
     elif is_points:
         with tempfile.TemporaryDirectory() as tmp:
-            panels = [save_scatter_plot(points, Path(tmp) / f"{n}.png", extent=SCATTER_EXTENT)
-                      for n, points in zip(grids, rows)]
+            panels = [
+                save_scatter_plot(points, Path(tmp) / f"{n}.png", extent=SCATTER_EXTENT)
+                for n, points in zip(grids, rows)
+            ]
             _side_by_side(panels, out)
     else:
         np.save(out, torch.stack(rows).numpy())
-    layout = "one row per step count" if data_info.kind == "image" else (
-        "one panel per step count, left to right" if is_points else "array (step counts, batch, *shape)")
+    layout = (
+        "one row per step count"
+        if data_info.kind == "image"
+        else ("one panel per step count, left to right" if is_points else "array (step counts, batch, *shape)")
+    )
     print(f"samples: {out} ({layout})")

@@ -89,12 +89,16 @@ def run(args) -> None:
     try:
         if trainer.process.is_main:
             config = trainer.config
-            print(f"training {config.data} for {config.steps} steps (batch {config.batch}, M={config.group_size}, "
-                  f"{trainer.process.world_size} process(es) on {trainer.device}) -> {trainer.out_dir}")
+            print(
+                f"training {config.data} for {config.steps} steps (batch {config.batch}, M={config.group_size}, "
+                f"{trainer.process.world_size} process(es) on {trainer.device}) -> {trainer.out_dir}"
+            )
         summary = trainer.train()
         if trainer.process.is_main:
-            print(f"done: step {trainer.step}, loss {summary['loss']:.4g}, {summary['samples_per_s']:.0f} samples/s, "
-                  f"{summary['wall_s']:.0f} s; checkpoint in {trainer.out_dir / 'checkpoint'}")
+            print(
+                f"done: step {trainer.step}, loss {summary['loss']:.4g}, {summary['samples_per_s']:.0f} samples/s, "
+                f"{summary['wall_s']:.0f} s; checkpoint in {trainer.out_dir / 'checkpoint'}"
+            )
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -196,7 +196,13 @@ class DiTBlock(nn.Module):
         return x + gate_mlp[:, None] * self.mlp(h)
 
     def forward_chained(
-        self, x: Tensor, h: Tensor, modulation: Tensor, next_shift: Tensor, next_scale: Tensor, next_eps: float,
+        self,
+        x: Tensor,
+        h: Tensor,
+        modulation: Tensor,
+        next_shift: Tensor,
+        next_scale: Tensor,
+        next_eps: float,
         backend: str = "auto",
     ) -> tuple[Tensor, Tensor]:
         """(h', x') for the residual stream x and h = modulate(norm1(x)) given by the caller.
@@ -541,9 +547,7 @@ DiT_B_2, DiT_B_4, DiT_B_8 = (_config(*_SIZES["B"], p) for p in (2, 4, 8))
 DiT_L_2, DiT_L_4, DiT_L_8 = (_config(*_SIZES["L"], p) for p in (2, 4, 8))
 DiT_XL_2, DiT_XL_4, DiT_XL_8 = (_config(*_SIZES["XL"], p) for p in (2, 4, 8))
 
-DiT_models = {
-    f"DiT-{size}/{patch}": globals()[f"DiT_{size}_{patch}"] for size in _SIZES for patch in (2, 4, 8)
-}
+DiT_models = {f"DiT-{size}/{patch}": globals()[f"DiT_{size}_{patch}"] for size in _SIZES for patch in (2, 4, 8)}
 for _name, _make in DiT_models.items():
     _make.__name__ = _make.__qualname__ = _name.replace("-", "_").replace("/", "_")
     _make.__doc__ = f"{_name}: DiT(depth, hidden_size, num_heads, patch_size) of DiT's table; kwargs go to DiT."

@@ -47,9 +47,7 @@ class Conditioning(nn.Module):
     def __init__(self, cond_dim: int, label_dim: int) -> None:
         super().__init__()
         self.label_dim = label_dim
-        self.time_mlp = nn.Sequential(
-            nn.Linear(2 * TIME_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(2 * TIME_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.label_embed = nn.Linear(label_dim, cond_dim, bias=False) if label_dim > 0 else None
 
     def forward(self, c_noise_t: Tensor, c_noise_s: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:

@@ -83,15 +83,35 @@ def _fwd_segment_input(x, y, gate, x_new_ptr, out_row, cols, mask, HAS_RESIDUAL:
 
 @jit
 def _adaln_fwd_kernel(
-    x_ptr, stride_xn, stride_xl, stride_xh,
-    y_ptr, stride_yn, stride_yl, stride_yh,
-    gate_ptr, stride_gate_n, stride_gate_h,
-    shift_ptr, stride_shift_n, stride_shift_h,
-    scale_ptr, stride_scale_n, stride_scale_h,
-    h_ptr, x_new_ptr,  # contiguous (N, L, H); x_new unused without the residual
-    mean_ptr, rstd_ptr,  # contiguous (N, L), the compute dtype
-    seq_len, hidden, eps, rows_per_program,
-    BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr,
+    stride_xn,
+    stride_xl,
+    stride_xh,
+    y_ptr,
+    stride_yn,
+    stride_yl,
+    stride_yh,
+    gate_ptr,
+    stride_gate_n,
+    stride_gate_h,
+    shift_ptr,
+    stride_shift_n,
+    stride_shift_h,
+    scale_ptr,
+    stride_scale_n,
+    stride_scale_h,
+    h_ptr,
+    x_new_ptr,  # contiguous (N, L, H); x_new unused without the residual
+    mean_ptr,
+    rstd_ptr,  # contiguous (N, L), the compute dtype
+    seq_len,
+    hidden,
+    eps,
+    rows_per_program,
+    BLOCK_MAIN: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     """Program (block, n): rows [block * rows_per_program, ...) of sample n, one at a time,
     each whole in registers as two power-of-two column segments (see `_segments`)."""
@@ -140,8 +160,9 @@ def _adaln_fwd_kernel(
         x = _fwd_segment_input(x, y, gate, x_new_ptr, out_row, cols, in_cols, HAS_RESIDUAL)
         row_sum = tl.sum(x, axis=0)
         if BLOCK_TAIL > 0:
-            tail_x = _fwd_segment_input(next_tail_x, next_tail_y, tail_gate, x_new_ptr, out_row, tail_cols,
-                                        tail_in_cols, HAS_RESIDUAL)
+            tail_x = _fwd_segment_input(
+                next_tail_x, next_tail_y, tail_gate, x_new_ptr, out_row, tail_cols, tail_in_cols, HAS_RESIDUAL
+            )
             in_next = tail_cols < tl.where(pos + 1 < end, hidden, 0)
             next_tail_x = _load_row(x_ptr, stride_xl, stride_xh, pos + 1, tail_cols, in_next)
             if HAS_RESIDUAL:
@@ -176,8 +197,25 @@ def _bwd_segment_sums(x, dh, mean, rstd, scale_plus_one):
 
 @jit
 def _bwd_segment_store(
-    xhat, dh, g, y, dres, mean_g, mean_gx, rstd, gate, dx_ptr, dy_ptr, out_row, cols, mask,
-    sum_dshift, sum_dscale, sum_dgate, HAS_RESIDUAL: tl.constexpr, HAS_DRES: tl.constexpr,
+    xhat,
+    dh,
+    g,
+    y,
+    dres,
+    mean_g,
+    mean_gx,
+    rstd,
+    gate,
+    dx_ptr,
+    dy_ptr,
+    out_row,
+    cols,
+    mask,
+    sum_dshift,
+    sum_dscale,
+    sum_dgate,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DRES: tl.constexpr,
 ):
     """Stores dx (and dy) over one column segment of a row; returns the column sums with
     the row's dshift, dscale (, dgate) terms added."""
@@ -194,8 +232,7 @@ def _bwd_segment_store(
 
 
 @jit
-def _store_partial(partial_ptr, hidden, cols, mask, sum_dshift, sum_dscale, sum_dgate,
-                   HAS_RESIDUAL: tl.constexpr):
+def _store_partial(partial_ptr, hidden, cols, mask, sum_dshift, sum_dscale, sum_dgate, HAS_RESIDUAL: tl.constexpr):
     tl.store(partial_ptr + cols, sum_dshift, mask=mask)
     tl.store(partial_ptr + hidden + cols, sum_dscale, mask=mask)
     if HAS_RESIDUAL:
@@ -204,18 +241,41 @@ def _store_partial(partial_ptr, hidden, cols, mask, sum_dshift, sum_dscale, sum_
 
 @jit
 def _adaln_bwd_kernel(
-    dh_ptr, stride_dhn, stride_dhl, stride_dhh,
-    dres_ptr, stride_dresn, stride_dresl, stride_dresh,  # grad flowing into x_new; unused without HAS_DRES
-    x_ptr, stride_xn, stride_xl, stride_xh,  # the normalised input: x, or x_new with the residual
-    y_ptr, stride_yn, stride_yl, stride_yh,
-    gate_ptr, stride_gate_n, stride_gate_h,
-    scale_ptr, stride_scale_n, stride_scale_h,
-    mean_ptr, rstd_ptr,
-    dx_ptr, dy_ptr,  # contiguous (N, L, H)
+    dh_ptr,
+    stride_dhn,
+    stride_dhl,
+    stride_dhh,
+    dres_ptr,
+    stride_dresn,
+    stride_dresl,
+    stride_dresh,  # grad flowing into x_new; unused without HAS_DRES
+    x_ptr,
+    stride_xn,
+    stride_xl,
+    stride_xh,  # the normalised input: x, or x_new with the residual
+    y_ptr,
+    stride_yn,
+    stride_yl,
+    stride_yh,
+    gate_ptr,
+    stride_gate_n,
+    stride_gate_h,
+    scale_ptr,
+    stride_scale_n,
+    stride_scale_h,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dy_ptr,  # contiguous (N, L, H)
     partial_ptr,  # contiguous (N, num_blocks, 2 + HAS_RESIDUAL, H): per-block sums for dshift, dscale (, dgate)
-    seq_len, hidden, rows_per_block,
-    BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_DRES: tl.constexpr,
+    seq_len,
+    hidden,
+    rows_per_block,
+    BLOCK_MAIN: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DRES: tl.constexpr,
 ):
     """Program (block, n): rows [block * rows_per_block, ...) of sample n, one at a time, each
     whole in registers as in the forward; the column sums stay in registers until the end."""
@@ -273,7 +333,8 @@ def _adaln_bwd_kernel(
             tail_y = next_tail_y
             tail_dres = next_tail_dres
             tail_xhat, tail_dh, tail_g, tail_sum_g, tail_sum_gx = _bwd_segment_sums(
-                next_tail_x, next_tail_dh, mean, rstd, tail_scale_plus_one)
+                next_tail_x, next_tail_dh, mean, rstd, tail_scale_plus_one
+            )
             in_next = tail_cols < tl.where(pos + 1 < end, hidden, 0)
             next_tail_x = _load_row(x_ptr, stride_xl, stride_xh, pos + 1, tail_cols, in_next)
             next_tail_dh = _load_row(dh_ptr, stride_dhl, stride_dhh, pos + 1, tail_cols, in_next)
@@ -293,19 +354,55 @@ def _adaln_bwd_kernel(
         if HAS_DRES:
             dres = _load_row(dres_ptr, stride_dresl, stride_dresh, pos, cols, in_cols)
         sum_dshift, sum_dscale, sum_dgate = _bwd_segment_store(
-            xhat, dh, g, y, dres, mean_g, mean_gx, rstd, gate, dx_ptr, dy_ptr, out_row, cols, in_cols,
-            sum_dshift, sum_dscale, sum_dgate, HAS_RESIDUAL, HAS_DRES)
+            xhat,
+            dh,
+            g,
+            y,
+            dres,
+            mean_g,
+            mean_gx,
+            rstd,
+            gate,
+            dx_ptr,
+            dy_ptr,
+            out_row,
+            cols,
+            in_cols,
+            sum_dshift,
+            sum_dscale,
+            sum_dgate,
+            HAS_RESIDUAL,
+            HAS_DRES,
+        )
         if BLOCK_TAIL > 0:
             tail_sum_dshift, tail_sum_dscale, tail_sum_dgate = _bwd_segment_store(
-                tail_xhat, tail_dh, tail_g, tail_y, tail_dres, mean_g, mean_gx, rstd, tail_gate, dx_ptr, dy_ptr,
-                out_row, tail_cols, tail_in_cols, tail_sum_dshift, tail_sum_dscale, tail_sum_dgate,
-                HAS_RESIDUAL, HAS_DRES)
+                tail_xhat,
+                tail_dh,
+                tail_g,
+                tail_y,
+                tail_dres,
+                mean_g,
+                mean_gx,
+                rstd,
+                tail_gate,
+                dx_ptr,
+                dy_ptr,
+                out_row,
+                tail_cols,
+                tail_in_cols,
+                tail_sum_dshift,
+                tail_sum_dscale,
+                tail_sum_dgate,
+                HAS_RESIDUAL,
+                HAS_DRES,
+            )
 
     partial = partial_ptr + ((n * tl.num_programs(0) + block) * (2 + HAS_RESIDUAL)) * hidden
     _store_partial(partial, hidden, cols, in_cols, sum_dshift, sum_dscale, sum_dgate, HAS_RESIDUAL)
     if BLOCK_TAIL > 0:
-        _store_partial(partial, hidden, tail_cols, tail_in_cols, tail_sum_dshift, tail_sum_dscale, tail_sum_dgate,
-                       HAS_RESIDUAL)
+        _store_partial(
+            partial, hidden, tail_cols, tail_in_cols, tail_sum_dshift, tail_sum_dscale, tail_sum_dgate, HAS_RESIDUAL
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -385,9 +482,26 @@ def adaln_forward_triton(x, y, gate, shift, scale, eps):
     rows_per_block = _rows_per_block(num_samples, seq_len, _target_programs(x.device, FORWARD_PROGRAMS_PER_SM))
     config = _launch_config(hidden, (x, y) if has_residual else (x,))
     _adaln_fwd_kernel[(triton.cdiv(seq_len, rows_per_block), num_samples)](
-        x, *x.stride(), y if has_residual else x, *_strides(y, 3), gate if has_residual else x, *_strides(gate, 2),
-        shift, *shift.stride(), scale, *scale.stride(), h, x_new, mean, rstd,
-        seq_len, hidden, eps, rows_per_block, HAS_RESIDUAL=has_residual, **config,
+        x,
+        *x.stride(),
+        y if has_residual else x,
+        *_strides(y, 3),
+        gate if has_residual else x,
+        *_strides(gate, 2),
+        shift,
+        *shift.stride(),
+        scale,
+        *scale.stride(),
+        h,
+        x_new,
+        mean,
+        rstd,
+        seq_len,
+        hidden,
+        eps,
+        rows_per_block,
+        HAS_RESIDUAL=has_residual,
+        **config,
     )
     return h, x_new, mean, rstd
 
@@ -409,10 +523,29 @@ def adaln_backward_triton(grad_h, grad_x_new, x, y, gate, scale, mean, rstd):
     has_dres = grad_x_new is not None
     streamed = (grad_h, x) + ((y,) if has_residual else ()) + ((grad_x_new,) if has_dres else ())
     _adaln_bwd_kernel[(num_blocks, num_samples)](
-        grad_h, *grad_h.stride(), grad_x_new if has_dres else grad_h, *_strides(grad_x_new, 3),
-        x, *x.stride(), y if has_residual else x, *_strides(y, 3), gate if has_residual else x, *_strides(gate, 2),
-        scale, *scale.stride(), mean, rstd, dx, dy, partial, seq_len, hidden, rows_per_block,
-        HAS_RESIDUAL=has_residual, HAS_DRES=has_dres, **_launch_config(hidden, streamed),
+        grad_h,
+        *grad_h.stride(),
+        grad_x_new if has_dres else grad_h,
+        *_strides(grad_x_new, 3),
+        x,
+        *x.stride(),
+        y if has_residual else x,
+        *_strides(y, 3),
+        gate if has_residual else x,
+        *_strides(gate, 2),
+        scale,
+        *scale.stride(),
+        mean,
+        rstd,
+        dx,
+        dy,
+        partial,
+        seq_len,
+        hidden,
+        rows_per_block,
+        HAS_RESIDUAL=has_residual,
+        HAS_DRES=has_dres,
+        **_launch_config(hidden, streamed),
     )
     # A fixed-order sum over the blocks: bitwise the same on every run.
     return dx, dy, partial.sum(dim=1)
@@ -441,8 +574,14 @@ def _(x, y, gate, shift, scale, eps):
 
 @torch.library.custom_op("imm_kernels::adaln_backward", mutates_args=())
 def adaln_backward(
-    grad_h: Tensor, grad_x_new: Tensor | None, x: Tensor, y: Tensor | None, gate: Tensor | None,
-    scale: Tensor, mean: Tensor, rstd: Tensor,
+    grad_h: Tensor,
+    grad_x_new: Tensor | None,
+    x: Tensor,
+    y: Tensor | None,
+    gate: Tensor | None,
+    scale: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx, dy, dmod) as in `adaln_backward_triton`; x is x_new with the residual."""
     return adaln_backward_triton(grad_h, grad_x_new, x, y, gate, scale, mean, rstd)

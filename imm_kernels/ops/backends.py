@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from typing import NamedTuple
 
 import torch
 
-from ..validation import check_choice
 from .utils import FLOAT_DTYPES, INTERPRETING, TRITON_MISSING, BackendUnavailableError
 
 
@@ -62,8 +62,9 @@ class Backend:
     missing: str | None = None  # why this installation cannot run it at all
     mmd: MMDKernels | None = None  # None: the PyTorch reference
 
-    def unavailable(self, device: torch.device, *, dtype: torch.dtype | None = None,
-                    group_size: int | None = None) -> str | None:
+    def unavailable(
+        self, device: torch.device, *, dtype: torch.dtype | None = None, group_size: int | None = None
+    ) -> str | None:
         """Why this backend cannot take a call on `device` (with inputs of `dtype`, MMD groups of
         `group_size`, where given), or None when it can."""
         if self.missing is not None:
@@ -79,8 +80,8 @@ class Backend:
 
 def _load_native():
     """(the _C module, None) or (None, why it cannot be used)."""
-    try:
-        from .. import _C
+    try:  # by its full name: `from .. import _C` would blame a circular import when it is missing
+        _C = import_module("imm_kernels._C")
     except ImportError as err:
         return None, (
             f"the C++ extension imm_kernels._C is not built or does not load ({err}); "
@@ -100,8 +101,13 @@ def _triton_mmd() -> MMDKernels | None:
         return None
     from . import mmd_triton
 
-    return MMDKernels(mmd_triton.mmd_forward_triton, mmd_triton.mmd_backward_triton, mmd_triton.saved_rows,
-                      mmd_triton.mmd_forward_with_grad_triton, mmd_triton.mmd_refresh_grad_triton)
+    return MMDKernels(
+        mmd_triton.mmd_forward_triton,
+        mmd_triton.mmd_backward_triton,
+        mmd_triton.saved_rows,
+        mmd_triton.mmd_forward_with_grad_triton,
+        mmd_triton.mmd_refresh_grad_triton,
+    )
 
 
 def stacked_rows(group_size: int) -> int:
@@ -110,24 +116,36 @@ def stacked_rows(group_size: int) -> int:
 
 
 _C, _NATIVE_MISSING = _load_native()
-_CUDA_MISSING = _NATIVE_MISSING or (None if _C.cuda_built else (
-    "imm_kernels._C was built without CUDA (it needs a CUDA build of torch and a CUDA toolkit at build time)"))
+_CUDA_MISSING = _NATIVE_MISSING or (
+    None
+    if _C.cuda_built
+    else ("imm_kernels._C was built without CUDA (it needs a CUDA build of torch and a CUDA toolkit at build time)")
+)
 
 TORCH = Backend("torch", ("cpu", "cuda"), "")
 TRITON = Backend(
-    "triton", ("cuda", "cpu") if INTERPRETING else ("cuda",),
+    "triton",
+    ("cuda", "cpu") if INTERPRETING else ("cuda",),
     "it needs CUDA tensors (got {device}; set TRITON_INTERPRET=1 before import for the CPU)",
-    max_group_size=32, missing=TRITON_MISSING, mmd=_triton_mmd(),
+    max_group_size=32,
+    missing=TRITON_MISSING,
+    mmd=_triton_mmd(),
 )
 NATIVE = Backend(
-    "native", ("cpu",), "it runs on CPU tensors (got {device}; backend='cuda' is its CUDA counterpart)",
+    "native",
+    ("cpu",),
+    "it runs on CPU tensors (got {device}; backend='cuda' is its CUDA counterpart)",
     missing=_NATIVE_MISSING,
-    mmd=None if _C is None else MMDKernels(_C.mmd_forward_cpu, _C.mmd_backward_cpu, stacked_rows,
-                                           _C.mmd_forward_with_grad_cpu),
+    mmd=None
+    if _C is None
+    else MMDKernels(_C.mmd_forward_cpu, _C.mmd_backward_cpu, stacked_rows, _C.mmd_forward_with_grad_cpu),
 )
 CUDA = Backend(
-    "cuda", ("cuda",), "it needs CUDA tensors (got {device})",
-    max_group_size=_C.cuda_max_group_size if _CUDA_MISSING is None else None, missing=_CUDA_MISSING,
+    "cuda",
+    ("cuda",),
+    "it needs CUDA tensors (got {device})",
+    max_group_size=_C.cuda_max_group_size if _CUDA_MISSING is None else None,
+    missing=_CUDA_MISSING,
     mmd=None if _CUDA_MISSING else MMDKernels(_C.mmd_forward_cuda, _C.mmd_backward_cuda, stacked_rows),
 )
 BACKENDS = {backend.name: backend for backend in (TRITON, NATIVE, CUDA, TORCH)}
@@ -138,9 +156,15 @@ MMD_AUTO = {"cuda": (TRITON, CUDA), "cpu": (NATIVE,)}
 TRITON_AUTO = {"cuda": (TRITON,), "cpu": (TRITON,)}
 
 
-def choose_backend(backend: str, device: torch.device, auto: dict[str, tuple[Backend, ...]], *,
-                   dtype: torch.dtype | None = None, group_size: int | None = None,
-                   limit: str | None = None) -> Backend:
+def choose_backend(
+    backend: str,
+    device: torch.device,
+    auto: dict[str, tuple[Backend, ...]],
+    *,
+    dtype: torch.dtype | None = None,
+    group_size: int | None = None,
+    limit: str | None = None,
+) -> Backend:
     """The backend that runs a call on `device`: `backend` itself, or for "auto" the first of
     auto[device type] that can take the call, else torch.
 

@@ -180,8 +180,9 @@ class FusedMMD:
             x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float
         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             """-> (loss_g, S, MMD^2_g, dMMD^2_g/db): the last three are saved for the backward."""
-            return kernels().forward(as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(),
-                                     group_size, eps)
+            return kernels().forward(
+                as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps
+            )
 
         def forward_fake(x, y, bandwidth, weight, group_size, eps):
             num_groups, rows = x.shape[0] // group_size, kernels().saved_rows(group_size)
@@ -190,13 +191,29 @@ class FusedMMD:
             return per_group[0], x.new_empty((num_groups, rows, rows), dtype=cdtype), per_group[1], per_group[2]
 
         def backward(
-            grad_loss: Tensor, x: Tensor, y: Tensor, sqdist: Tensor, bandwidth: Tensor, weight: Tensor,
-            group_size: int, eps: float, need_dx: bool, need_dy: bool,
+            grad_loss: Tensor,
+            x: Tensor,
+            y: Tensor,
+            sqdist: Tensor,
+            bandwidth: Tensor,
+            weight: Tensor,
+            group_size: int,
+            eps: float,
+            need_dx: bool,
+            need_dy: bool,
         ) -> tuple[Tensor, Tensor]:
             """-> (dx, dy) shaped like x and y; an empty tensor stands for a gradient not asked for."""
             dx, dy = kernels().backward(
-                grad_loss.to(sqdist.dtype), as_rows(x), as_rows(y), sqdist, bandwidth.contiguous(),
-                weight.contiguous(), group_size, eps, need_dx, need_dy,
+                grad_loss.to(sqdist.dtype),
+                as_rows(x),
+                as_rows(y),
+                sqdist,
+                bandwidth.contiguous(),
+                weight.contiguous(),
+                group_size,
+                eps,
+                need_dx,
+                need_dy,
             )
             return (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
 
@@ -205,11 +222,11 @@ class FusedMMD:
             dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_dy else y.new_empty(0)
             return dx, dy
 
-        self.forward_op = torch.library.custom_op(f"imm_kernels::mmd_forward_{backend.name}", forward,
-                                                  mutates_args=())
+        self.forward_op = torch.library.custom_op(f"imm_kernels::mmd_forward_{backend.name}", forward, mutates_args=())
         self.forward_op.register_fake(forward_fake)
-        self.backward_op = torch.library.custom_op(f"imm_kernels::mmd_backward_{backend.name}", backward,
-                                                   mutates_args=())
+        self.backward_op = torch.library.custom_op(
+            f"imm_kernels::mmd_backward_{backend.name}", backward, mutates_args=()
+        )
         self.backward_op.register_fake(backward_fake)
         self.forward_op.register_autograd(self._backward, setup_context=self._setup_context)
 
@@ -234,8 +251,7 @@ class FusedMMD:
     def recomputed_grads(self, ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db):
         """The gradients of (x, y, bandwidth, weight), dx and dy computed from x, y and the saved S."""
         need_dx, need_dy = ctx.needs_input_grad[:2]
-        dx, dy = self.backward_op(grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx,
-                                  need_dy)
+        dx, dy = self.backward_op(grad_loss, x, y, sqdist, bandwidth, weight, ctx.group_size, ctx.eps, need_dx, need_dy)
         return _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
 
 
@@ -254,8 +270,15 @@ class _MMDWithGrad(torch.autograd.Function):
         ones = torch.ones((num_groups,) if reduction == "none" else (), dtype=bandwidth.dtype, device=bandwidth.device)
         expected = _per_group_grad(ones, num_groups, reduction)
         loss, sqdist, mmd2, dmmd_db, dx, dy = fused.backend.mmd.forward_with_grad(
-            as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps,
-            expected, need_dx, need_dy,
+            as_rows(x),
+            as_rows(y),
+            bandwidth.contiguous(),
+            weight.contiguous(),
+            group_size,
+            eps,
+            expected,
+            need_dx,
+            need_dy,
         )
         dx, dy = (dx.view(x.shape) if need_dx else dx), (dy.view(y.shape) if need_dy else dy)
         ctx.save_for_backward(x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy)
@@ -274,8 +297,19 @@ class _MMDWithGrad(torch.autograd.Function):
             if ctx.grads_returned:  # a second backward (retain_graph): never overwrite what the first returned
                 grads = fused.recomputed_grads(ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db)
             else:
-                refresh_grad(grad_loss.to(sqdist.dtype), ctx.expected, as_rows(x), as_rows(y), sqdist, bandwidth,
-                             weight, ctx.group_size, ctx.eps, _flat(dx), _flat(dy))
+                refresh_grad(
+                    grad_loss.to(sqdist.dtype),
+                    ctx.expected,
+                    as_rows(x),
+                    as_rows(y),
+                    sqdist,
+                    bandwidth,
+                    weight,
+                    ctx.group_size,
+                    ctx.eps,
+                    _flat(dx),
+                    _flat(dy),
+                )
                 ctx.grads_returned = True
                 grads = _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db)
             return (*grads, None, None, None, None)

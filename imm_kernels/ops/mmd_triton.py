@@ -90,8 +90,16 @@ def _load_tile(row_ptrs, real, cols, col_end, EVEN_D: tl.constexpr, CDTYPE: tl.c
 
 @triton.jit
 def _pair_sqdist(
-    x_rows, y_rows, real, col_start, col_end,
-    MX: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_D: tl.constexpr, CDTYPE: tl.constexpr,
+    x_rows,
+    y_rows,
+    real,
+    col_start,
+    col_end,
+    MX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    CDTYPE: tl.constexpr,
 ):
     """(S_xx, S_yy, S_xy), each (MX, MX): squared distances summed over columns [col_start, col_end).
 
@@ -145,7 +153,18 @@ def _load_sqdist(src, MX: tl.constexpr):
 
 @triton.jit
 def _finalize_group(
-    group, xx, yy, xy, real, bandwidth, weight, loss_ptr, mmd2_ptr, dmmd_db_ptr, num_features, eps,
+    group,
+    xx,
+    yy,
+    xy,
+    real,
+    bandwidth,
+    weight,
+    loss_ptr,
+    mmd2_ptr,
+    dmmd_db_ptr,
+    num_features,
+    eps,
     M: tl.constexpr,
 ):
     """Stores MMD^2, dMMD^2/db and the weighted loss of a group from its S blocks."""
@@ -171,10 +190,29 @@ def _pair_coefficient(sqdist, sign, scale, both, bandwidth, eps, num_features):
 
 @triton.jit
 def _store_gradients(
-    x_rows, y_rows, dx_ptr, dy_ptr, group, real, xx, yy, xy, grad, bandwidth, weight,
-    col_start, col_end, num_features, eps,
-    M: tl.constexpr, MX: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
-    EVEN_D: tl.constexpr, STORE_DX: tl.constexpr, STORE_DY: tl.constexpr,
+    x_rows,
+    y_rows,
+    dx_ptr,
+    dy_ptr,
+    group,
+    real,
+    xx,
+    yy,
+    xy,
+    grad,
+    bandwidth,
+    weight,
+    col_start,
+    col_end,
+    num_features,
+    eps,
+    M: tl.constexpr,
+    MX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    STORE_DY: tl.constexpr,
 ):
     """dz_i = sum_j A_ij (z_i - z_j) over columns [col_start, col_end), for the x rows and/or the y rows."""
     cdtype = xx.dtype
@@ -211,13 +249,32 @@ def _store_gradients(
 
 @triton.jit
 def _mmd_fwd_kernel(
-    x_ptr, y_ptr, stride_x, stride_y,
+    x_ptr,
+    y_ptr,
+    stride_x,
+    stride_y,
     partial_ptr,  # (G, SPLIT, 2MX, 2MX) partial S; unused when FINALIZE
-    bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-    dx_ptr, dy_ptr, grad_ptr, stride_grad,  # the gradient for upstream grad_ptr (STORE_DX/STORE_DY, unsplit only)
-    num_features, cols_per_split, eps,
-    M: tl.constexpr, MX: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_D: tl.constexpr,
-    FINALIZE: tl.constexpr, STORE_DX: tl.constexpr, STORE_DY: tl.constexpr,
+    bandwidth_ptr,
+    weight_ptr,
+    loss_ptr,
+    sqdist_ptr,
+    mmd2_ptr,
+    dmmd_db_ptr,
+    dx_ptr,
+    dy_ptr,
+    grad_ptr,
+    stride_grad,  # the gradient for upstream grad_ptr (STORE_DX/STORE_DY, unsplit only)
+    num_features,
+    cols_per_split,
+    eps,
+    M: tl.constexpr,
+    MX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    FINALIZE: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    STORE_DY: tl.constexpr,
 ):
     """Program (group, split): S over its column range. Unsplit, it finalizes the group in place
     and, asked for a gradient, streams the group once more to write it."""
@@ -233,13 +290,36 @@ def _mmd_fwd_kernel(
         _store_sqdist(sqdist_ptr + group.to(tl.int64) * (4 * MX * MX), xx, yy, xy, MX)
         bandwidth = tl.load(bandwidth_ptr + group)
         weight = tl.load(weight_ptr + group)
-        _finalize_group(group, xx, yy, xy, real, bandwidth, weight, loss_ptr, mmd2_ptr, dmmd_db_ptr,
-                        num_features, eps, M)
+        _finalize_group(
+            group, xx, yy, xy, real, bandwidth, weight, loss_ptr, mmd2_ptr, dmmd_db_ptr, num_features, eps, M
+        )
         if STORE_DX or STORE_DY:
             grad = tl.load(grad_ptr + group.to(tl.int64) * stride_grad)
-            _store_gradients(x_rows, y_rows, dx_ptr, dy_ptr, group, real, xx, yy, xy, grad, bandwidth, weight,
-                             col_start, col_end, num_features, eps, M, MX, BLOCK_D, NUM_STAGES, EVEN_D,
-                             STORE_DX, STORE_DY)
+            _store_gradients(
+                x_rows,
+                y_rows,
+                dx_ptr,
+                dy_ptr,
+                group,
+                real,
+                xx,
+                yy,
+                xy,
+                grad,
+                bandwidth,
+                weight,
+                col_start,
+                col_end,
+                num_features,
+                eps,
+                M,
+                MX,
+                BLOCK_D,
+                NUM_STAGES,
+                EVEN_D,
+                STORE_DX,
+                STORE_DY,
+            )
     else:
         tile = (group * tl.num_programs(1) + split).to(tl.int64) * (4 * MX * MX)
         _store_sqdist(partial_ptr + tile, xx, yy, xy, MX)
@@ -247,8 +327,18 @@ def _mmd_fwd_kernel(
 
 @triton.jit
 def _mmd_finalize_kernel(
-    partial_ptr, bandwidth_ptr, weight_ptr, loss_ptr, sqdist_ptr, mmd2_ptr, dmmd_db_ptr,
-    num_splits, num_features, eps, M: tl.constexpr, MX: tl.constexpr,
+    partial_ptr,
+    bandwidth_ptr,
+    weight_ptr,
+    loss_ptr,
+    sqdist_ptr,
+    mmd2_ptr,
+    dmmd_db_ptr,
+    num_splits,
+    num_features,
+    eps,
+    M: tl.constexpr,
+    MX: tl.constexpr,
 ):
     """Sums a group's partial S in split order (deterministic), then finalizes."""
     group = tl.program_id(0)
@@ -264,20 +354,49 @@ def _mmd_finalize_kernel(
         yy += part_yy
         xy += part_xy
     _store_sqdist(sqdist_ptr + group.to(tl.int64) * (4 * MX * MX), xx, yy, xy, MX)
-    _finalize_group(group, xx, yy, xy, real, tl.load(bandwidth_ptr + group), tl.load(weight_ptr + group),
-                    loss_ptr, mmd2_ptr, dmmd_db_ptr, num_features, eps, M)
+    _finalize_group(
+        group,
+        xx,
+        yy,
+        xy,
+        real,
+        tl.load(bandwidth_ptr + group),
+        tl.load(weight_ptr + group),
+        loss_ptr,
+        mmd2_ptr,
+        dmmd_db_ptr,
+        num_features,
+        eps,
+        M,
+    )
 
 
 @triton.jit
 def _mmd_bwd_kernel(
-    x_ptr, y_ptr, stride_x, stride_y,
-    dx_ptr, dy_ptr,  # contiguous (B, D)
-    grad_ptr, stride_grad,  # grad of loss_g; stride 0 when expanded from a mean
-    expected_ptr, stride_expected,  # SKIP_EXPECTED: the upstream gradient dx/dy already hold
-    sqdist_ptr, bandwidth_ptr, weight_ptr,
-    num_features, cols_per_split, eps,
-    M: tl.constexpr, MX: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_D: tl.constexpr,
-    STORE_DX: tl.constexpr, STORE_DY: tl.constexpr, SKIP_EXPECTED: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    stride_x,
+    stride_y,
+    dx_ptr,
+    dy_ptr,  # contiguous (B, D)
+    grad_ptr,
+    stride_grad,  # grad of loss_g; stride 0 when expanded from a mean
+    expected_ptr,
+    stride_expected,  # SKIP_EXPECTED: the upstream gradient dx/dy already hold
+    sqdist_ptr,
+    bandwidth_ptr,
+    weight_ptr,
+    num_features,
+    cols_per_split,
+    eps,
+    M: tl.constexpr,
+    MX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    STORE_DY: tl.constexpr,
+    SKIP_EXPECTED: tl.constexpr,
 ):
     """Program (group, split): dz on its column range. With SKIP_EXPECTED, a group whose upstream
     gradient equals the expected one keeps the gradient the forward wrote (an empty column range)."""
@@ -293,9 +412,31 @@ def _mmd_bwd_kernel(
         expected = tl.load(expected_ptr + group.to(tl.int64) * stride_expected).to(cdtype)
         col_end = tl.where(grad == expected, col_start, col_end)
     xx, yy, xy = _load_sqdist(sqdist_ptr + group.to(tl.int64) * (4 * MX * MX), MX)
-    _store_gradients(x_rows, y_rows, dx_ptr, dy_ptr, group, real, xx, yy, xy, grad,
-                     tl.load(bandwidth_ptr + group), tl.load(weight_ptr + group),
-                     col_start, col_end, num_features, eps, M, MX, BLOCK_D, NUM_STAGES, EVEN_D, STORE_DX, STORE_DY)
+    _store_gradients(
+        x_rows,
+        y_rows,
+        dx_ptr,
+        dy_ptr,
+        group,
+        real,
+        xx,
+        yy,
+        xy,
+        grad,
+        tl.load(bandwidth_ptr + group),
+        tl.load(weight_ptr + group),
+        col_start,
+        col_end,
+        num_features,
+        eps,
+        M,
+        MX,
+        BLOCK_D,
+        NUM_STAGES,
+        EVEN_D,
+        STORE_DX,
+        STORE_DY,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -360,8 +501,13 @@ class _Launch(NamedTuple):
 def _plan_launch(x_rows: Tensor, group_size: int) -> _Launch:
     batch, num_features = x_rows.shape
     block_d, num_warps = _tile_config(group_size, num_features, compute_dtype(x_rows.dtype))
-    constexprs = dict(M=group_size, MX=half_rows(group_size), BLOCK_D=block_d, NUM_STAGES=NUM_STAGES,
-                      EVEN_D=num_features % block_d == 0)
+    constexprs = dict(
+        M=group_size,
+        MX=half_rows(group_size),
+        BLOCK_D=block_d,
+        NUM_STAGES=NUM_STAGES,
+        EVEN_D=num_features % block_d == 0,
+    )
     return _Launch(batch // group_size, num_features, num_warps, block_d, constexprs)
 
 
@@ -375,8 +521,26 @@ def _forward(x_rows, y_rows, bandwidth, weight, group_size, eps, grad_loss=None,
     dx = torch.empty_like(x_rows, memory_format=torch.contiguous_format) if need_dx else x_rows.new_empty(0)
     dy = torch.empty_like(y_rows, memory_format=torch.contiguous_format) if need_dy else y_rows.new_empty(0)
     grad = grad_loss if grad_loss is not None else loss  # never read without a gradient asked for
-    args = [x_rows, y_rows, x_rows.stride(0), y_rows.stride(0), sqdist, bandwidth, weight, loss, sqdist, mmd2,
-            dmmd_db, dx, dy, grad, grad.stride(0), plan.num_features, plan.num_features, eps]
+    args = [
+        x_rows,
+        y_rows,
+        x_rows.stride(0),
+        y_rows.stride(0),
+        sqdist,
+        bandwidth,
+        weight,
+        loss,
+        sqdist,
+        mmd2,
+        dmmd_db,
+        dx,
+        dy,
+        grad,
+        grad.stride(0),
+        plan.num_features,
+        plan.num_features,
+        eps,
+    ]
     num_splits, cols_per_split = plan.split(
         _mmd_fwd_kernel, x_rows.device, tuple(args), FINALIZE=False, STORE_DX=False, STORE_DY=False
     )
@@ -391,21 +555,48 @@ def _forward(x_rows, y_rows, bandwidth, weight, group_size, eps, grad_loss=None,
         *args, **plan.constexprs, FINALIZE=False, STORE_DX=False, STORE_DY=False, num_warps=plan.num_warps
     )
     _mmd_finalize_kernel[(plan.num_groups,)](
-        partial, bandwidth, weight, loss, sqdist, mmd2, dmmd_db, num_splits, plan.num_features, eps,
-        M=group_size, MX=plan.constexprs["MX"],
+        partial,
+        bandwidth,
+        weight,
+        loss,
+        sqdist,
+        mmd2,
+        dmmd_db,
+        num_splits,
+        plan.num_features,
+        eps,
+        M=group_size,
+        MX=plan.constexprs["MX"],
     )
     if need_dx or need_dy:  # the group spans programs: its gradient needs S complete first
         _launch_backward(plan, grad, None, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy, need_dx, need_dy)
     return loss, sqdist, mmd2, dmmd_db, dx, dy
 
 
-def _launch_backward(plan, grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy,
-                     need_dx, need_dy):
+def _launch_backward(
+    plan, grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy, need_dx, need_dy
+):
     """Writes dx/dy for grad_loss; with `expected`, only the groups whose grad_loss differs from it."""
     skip = expected is not None
     expected = expected if skip else grad_loss
-    args = (x_rows, y_rows, x_rows.stride(0), y_rows.stride(0), dx, dy, grad_loss, grad_loss.stride(0),
-            expected, expected.stride(0), sqdist, bandwidth, weight, plan.num_features, plan.num_features, eps)
+    args = (
+        x_rows,
+        y_rows,
+        x_rows.stride(0),
+        y_rows.stride(0),
+        dx,
+        dy,
+        grad_loss,
+        grad_loss.stride(0),
+        expected,
+        expected.stride(0),
+        sqdist,
+        bandwidth,
+        weight,
+        plan.num_features,
+        plan.num_features,
+        eps,
+    )
     flags = dict(STORE_DX=need_dx, STORE_DY=need_dy, SKIP_EXPECTED=skip)
     num_splits, cols_per_split = plan.split(_mmd_bwd_kernel, x_rows.device, args, **flags)
     _mmd_bwd_kernel[(plan.num_groups, num_splits)](
@@ -429,18 +620,18 @@ def mmd_backward_triton(grad_loss, x_rows, y_rows, sqdist, bandwidth, weight, gr
     dy = torch.empty_like(y_rows, memory_format=torch.contiguous_format) if need_dy else y_rows.new_empty(0)
     if need_dx or need_dy:
         plan = _plan_launch(x_rows, group_size)
-        _launch_backward(plan, grad_loss, None, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy,
-                         need_dx, need_dy)
+        _launch_backward(
+            plan, grad_loss, None, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy, need_dx, need_dy
+        )
     return dx, dy
 
 
-def mmd_refresh_grad_triton(grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, group_size, eps,
-                            dx, dy):
+def mmd_refresh_grad_triton(grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, group_size, eps, dx, dy):
     """Rewrites in place, in the forward's dx/dy (contiguous (B, D) or empty), the groups whose
     grad_loss differs from the `expected` gradient they were computed for; decided on the device."""
     need_dx, need_dy = dx.numel() > 0, dy.numel() > 0
     if need_dx or need_dy:
         plan = _plan_launch(x_rows, group_size)
-        _launch_backward(plan, grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy,
-                         need_dx, need_dy)
-
+        _launch_backward(
+            plan, grad_loss, expected, x_rows, y_rows, sqdist, bandwidth, weight, eps, dx, dy, need_dx, need_dy
+        )

@@ -80,9 +80,7 @@ def mmd_loss_reference(
     return _grouped_to_loss(grouped_mmd_reference, x, y, group_size, bandwidth, weight, eps, reduction)
 
 
-def grouped_mmd_cdist(
-    x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float
-) -> Tensor:
+def grouped_mmd_cdist(x: Tensor, y: Tensor, group_size: int, bandwidth: Tensor, weight: Tensor, eps: float) -> Tensor:
     """The same quantity through `torch.cdist` on the stacked group z = [x; y].
 
     cdist may use the Gram expansion internally (inaccurate for nearly equal rows);
@@ -90,9 +88,7 @@ def grouped_mmd_cdist(
     """
     cdtype = compute_dtype(x.dtype)
     num_groups = x.shape[0] // group_size
-    z = torch.cat(
-        [x.reshape(num_groups, group_size, -1), y.reshape(num_groups, group_size, -1)], dim=1
-    ).to(cdtype)
+    z = torch.cat([x.reshape(num_groups, group_size, -1), y.reshape(num_groups, group_size, -1)], dim=1).to(cdtype)
     num_features = z.shape[-1]
     dist = torch.cdist(z, z).clamp_min(eps)
     kern = torch.exp(-bandwidth[:, None, None] * dist / num_features)

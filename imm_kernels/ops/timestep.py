@@ -35,9 +35,15 @@ from .utils import jit, tl, triton
 
 @jit
 def _timestep_embedding_kernel(
-    t_ptr, stride_t, out_ptr,  # out: contiguous (N, dim)
-    half, dim, log_period_hi, log_period_lo,  # log(max_period) = hi + lo: Triton passes floats as fp32
-    BLOCK: tl.constexpr, ODD_DIM: tl.constexpr,
+    t_ptr,
+    stride_t,
+    out_ptr,  # out: contiguous (N, dim)
+    half,
+    dim,
+    log_period_hi,
+    log_period_lo,  # log(max_period) = hi + lo: Triton passes floats as fp32
+    BLOCK: tl.constexpr,
+    ODD_DIM: tl.constexpr,
 ):
     """Program (n, block): frequencies [block * BLOCK, ...) of sample n."""
     n = tl.program_id(0).to(tl.int64)
@@ -78,7 +84,14 @@ def timestep_embedding_triton(t: Tensor, dim: int, max_period: float) -> Tensor:
         return out.zero_()
     block = min(1024, max(16, triton.next_power_of_2(half)))
     _timestep_embedding_kernel[(t.shape[0], max(1, triton.cdiv(half, block)))](
-        t, t.stride(0), out, half, dim, *_split_fp32(math.log(max_period)), BLOCK=block, ODD_DIM=dim % 2 == 1,
+        t,
+        t.stride(0),
+        out,
+        half,
+        dim,
+        *_split_fp32(math.log(max_period)),
+        BLOCK=block,
+        ODD_DIM=dim % 2 == 1,
     )
     return out
 

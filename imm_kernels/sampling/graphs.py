@@ -70,8 +70,10 @@ def _device_of(net) -> torch.device:
 
 def _batch_sizes(batch_size) -> tuple[int, ...]:
     sizes = (batch_size,) if isinstance(batch_size, Integral) else batch_size
-    if isinstance(sizes, Sequence) and sizes and all(
-        isinstance(b, Integral) and not isinstance(b, bool) and b >= 1 for b in sizes
+    if (
+        isinstance(sizes, Sequence)
+        and sizes
+        and all(isinstance(b, Integral) and not isinstance(b, bool) and b >= 1 for b in sizes)
     ):
         return tuple(sorted({int(b) for b in sizes}))
     raise ValueError(f"batch_size must be an int >= 1 or a non-empty sequence of them, got {batch_size!r}")
@@ -191,8 +193,16 @@ class GraphedSampler:
     def _eager(self, noise, class_labels, restart_noise, generator) -> Tensor:
         if self.sampler == "pushforward":
             return pushforward(self.net, noise, self.times, class_labels, self.cfg_scale, dtype=self.dtype)
-        return restart(self.net, noise, self.times, class_labels, self.cfg_scale, generator,
-                       restart_noise=restart_noise, dtype=self.dtype)
+        return restart(
+            self.net,
+            noise,
+            self.times,
+            class_labels,
+            self.cfg_scale,
+            generator,
+            restart_noise=restart_noise,
+            dtype=self.dtype,
+        )
 
     def _capture(self, batch: int) -> _CapturedLoop:
         """Warm-up on a side stream, then the whole loop captured into one graph from the shared pool."""
@@ -201,8 +211,9 @@ class GraphedSampler:
         noise = torch.zeros((batch, *self.sample_shape), **make)
         label_dim = label_dim_of(net)
         labels = torch.zeros(batch, label_dim, device=device) if label_dim else None
-        restart_noise = torch.zeros((self.steps - 1, batch, *self.sample_shape), **make) if (
-            self.sampler == "restart") else None
+        restart_noise = (
+            torch.zeros((self.steps - 1, batch, *self.sample_shape), **make) if (self.sampler == "restart") else None
+        )
 
         def per_sample(value: float) -> Tensor:
             return torch.full((batch,), value, dtype=torch.float64, device=device)
@@ -235,5 +246,7 @@ class GraphedSampler:
 
     def __repr__(self) -> str:
         mode = "CUDA graph" if self.graphed else "eager (CPU)"
-        return (f"GraphedSampler({self.sampler}, {self.steps} steps, batch_size={self.batch_sizes}, "
-                f"cfg_scale={self.cfg_scale}, {str(self.dtype)[6:]}, {mode})")
+        return (
+            f"GraphedSampler({self.sampler}, {self.steps} steps, batch_size={self.batch_sizes}, "
+            f"cfg_scale={self.cfg_scale}, {str(self.dtype)[6:]}, {mode})"
+        )

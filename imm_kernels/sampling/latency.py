@@ -19,8 +19,14 @@ from .graphs import GraphedSampler
 from .samplers import one_hot_labels, pushforward, pushforward_loop
 
 __all__ = [
-    "PROVIDERS", "BENCH_MODELS", "PRECISIONS", "bench_net", "sampling_inputs", "sampling_providers",
-    "interleaved_medians_ms", "kernel_time_ms",
+    "PROVIDERS",
+    "BENCH_MODELS",
+    "PRECISIONS",
+    "bench_net",
+    "sampling_inputs",
+    "sampling_providers",
+    "interleaved_medians_ms",
+    "kernel_time_ms",
 ]
 
 PROVIDERS = ("eager", "torch.compile(reduce-overhead)", "GraphedSampler")
@@ -36,7 +42,11 @@ def sampling_inputs(net, batch: int, sample_shape: tuple[int, ...], cfg_scale: f
 
 
 def sampling_providers(
-    net, noise: Tensor, labels: Tensor | None, times: list[float], cfg_scale: float | None,
+    net,
+    noise: Tensor,
+    labels: Tensor | None,
+    times: list[float],
+    cfg_scale: float | None,
     providers: tuple[str, ...] = PROVIDERS,
 ) -> dict[str, Callable[[], Tensor]]:
     """One zero-argument sampling call per provider, all on the same inputs and grid.

@@ -285,9 +285,7 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, upsc
     return path
 
 
-def save_scatter_plot(
-    points: Tensor, path: str | os.PathLike, *, extent: float | None = None, size: int = 512
-) -> Path:
+def save_scatter_plot(points: Tensor, path: str | os.PathLike, *, extent: float | None = None, size: int = 512) -> Path:
     """Writes (N, 2) points as a PNG scatter plot: dark 2×2-pixel dots on white, grey axes.
 
     extent: the plot covers [-extent, extent]² (points outside are left out); None uses

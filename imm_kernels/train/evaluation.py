@@ -107,12 +107,14 @@ def write_samples(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data_info.kind == "image":
-        return [save_steps_grid(net, out_dir / "samples.png", data_info.shape, steps=steps, seed=seed,
-                                cfg_scale=cfg_scale)]
+        return [
+            save_steps_grid(net, out_dir / "samples.png", data_info.shape, steps=steps, seed=seed, cfg_scale=cfg_scale)
+        ]
     if data_info.shape == (2,):
         return [
-            save_points_scatter(net, out_dir / f"samples_{n}step.png", n, num_points=num_samples, seed=seed,
-                                cfg_scale=cfg_scale)
+            save_points_scatter(
+                net, out_dir / f"samples_{n}step.png", n, num_points=num_samples, seed=seed, cfg_scale=cfg_scale
+            )
             for n in steps
         ]
     noise = prior_noise(net, num_samples, data_info.shape, seed)

@@ -160,7 +160,8 @@ class DigitsEvaluator:
     def reference_rows(self, num_samples: int, seed: int = 0) -> dict[str, tuple[float, float]]:
         """(fd, confidence) of the baselines a model's row should be read against, each on num_samples samples.
 
-        "real (train split)": training digits, the FD of real digits at this sample size (about the metric's resolution);
+        "real (train split)": training digits, the FD of real digits at this sample size (about the
+        metric's resolution);
         "gaussian fit": gaussian_fit_samples, matching pixel means and covariances;
         "noise N(0, 0.5²)": the IMM prior, what an untrained model's samples look like.
         """

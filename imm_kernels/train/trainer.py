@@ -276,8 +276,15 @@ def build_net(config: TrainConfig, data: DataInfo, mixed_precision: str | None =
                 channels, height, channels=width, num_blocks=depth, label_dim=label_dim, dropout=config.dropout
             )
     return Preconditioner(
-        backbone, config.schedule, config.param, config.time_embed, config.sigma_data, config.T, config.eps,
-        label_dim=label_dim, mixed_precision=mixed_precision,
+        backbone,
+        config.schedule,
+        config.param,
+        config.time_embed,
+        config.sigma_data,
+        config.T,
+        config.eps,
+        label_dim=label_dim,
+        mixed_precision=mixed_precision,
     )
 
 
@@ -370,13 +377,20 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if self.process.is_main else None
         distributed = world_size > 1 and dist.is_initialized()
         self.model = (
-            nn.parallel.DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
+            nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
             if distributed
             else self.net
         )
         self.loss_fn = IMMLoss(
-            self.model, self.config.group_size, k=self.config.k, a=self.config.a, b=self.config.b,
-            label_dropout=self.config.label_dropout if self.config.conditional else 0.0, backend=self.config.backend,
+            self.model,
+            self.config.group_size,
+            k=self.config.k,
+            a=self.config.a,
+            b=self.config.b,
+            label_dropout=self.config.label_dropout if self.config.conditional else 0.0,
+            backend=self.config.backend,
         )
         self.optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
@@ -469,8 +483,12 @@ class Trainer:
             if self.step == 0:  # a new run (not a resumed one) starts a new log
                 (self.out_dir / LOG_FILE).unlink(missing_ok=True)
         bar = tqdm(
-            total=config.steps, initial=self.step, disable=not (is_main and self.progress), unit="step",
-            dynamic_ncols=True, mininterval=1.0,
+            total=config.steps,
+            initial=self.step,
+            disable=not (is_main and self.progress),
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
         )
         start_step, started = self.step, time.perf_counter()
         interval_start, interval_losses, last_loss = started, [], math.nan
@@ -484,8 +502,14 @@ class Trainer:
                 interval_start, interval_losses = now, []
                 bar.set_postfix(loss=f"{last_loss:.4g}", samples_per_s=f"{samples_per_s:.0f}")
                 if is_main and self.out_dir is not None:
-                    self._log({"step": self.step, "loss": last_loss, "lr": self.learning_rate(self.step - 1),
-                               "samples_per_s": samples_per_s})
+                    self._log(
+                        {
+                            "step": self.step,
+                            "loss": last_loss,
+                            "lr": self.learning_rate(self.step - 1),
+                            "samples_per_s": samples_per_s,
+                        }
+                    )
             if is_main and self.out_dir is not None:
                 if (config.sample_every and self.step % config.sample_every == 0) or self.step == config.steps:
                     with self._nvtx("sample"):
@@ -497,8 +521,11 @@ class Trainer:
         if dist.is_initialized() and self.process.world_size > 1:
             dist.barrier()  # the others wait for rank 0's last checkpoint
         wall = time.perf_counter() - started
-        return {"loss": last_loss, "samples_per_s": (self.step - start_step) * config.batch / max(wall, 1e-9),
-                "wall_s": wall}
+        return {
+            "loss": last_loss,
+            "samples_per_s": (self.step - start_step) * config.batch / max(wall, 1e-9),
+            "wall_s": wall,
+        }
 
     def _log(self, record: dict) -> None:
         with open(self.out_dir / LOG_FILE, "a") as log:
@@ -640,6 +667,6 @@ def load_run_config(checkpoint: str | os.PathLike) -> tuple[TrainConfig, DataInf
     directory = find_checkpoint(checkpoint)
     saved = json.loads((directory / CONFIG_FILE).read_text())
     info = saved["data_info"]
-    return TrainConfig(**saved["config"]), DataInfo(info["name"], info["kind"], tuple(info["shape"]),
-                                                    info["num_classes"])
-
+    return TrainConfig(**saved["config"]), DataInfo(
+        info["name"], info["kind"], tuple(info["shape"]), info["num_classes"]
+    )

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tmp_path, capsys):
     out = tmp_path / "toy"
-    printed = run_cli(capsys, "train", "--data", "toy2d", "--steps", "6", "--sample-every", "3", "--out", str(out), *TINY)
+    printed = run_cli(
+        capsys, "train", "--data", "toy2d", "--steps", "6", "--sample-every", "3", "--out", str(out), *TINY
+    )
     assert "done: step 6" in printed.out
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
@@ -41,8 +43,18 @@ def test_latent_arrays_train_and_eval_to_npy(tmp_path, capsys):
     np.save(latents, np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32))
     out = tmp_path / "run"
     run_cli(capsys, "train", "--data", str(latents), "--steps", "2", "--out", str(out), *TINY)
-    run_cli(capsys, "eval", "--checkpoint", str(out / "checkpoint"), "--steps", "2", "--num-samples", "10",
-         "--out", str(tmp_path / "eval"))
+    run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(out / "checkpoint"),
+        "--steps",
+        "2",
+        "--num-samples",
+        "10",
+        "--out",
+        str(tmp_path / "eval"),
+    )
     assert np.load(tmp_path / "eval" / "samples_2step.npy").shape == (10, 6)
 
 
@@ -82,15 +94,23 @@ def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys
     lines = printed.out.splitlines()
     table = [line for line in lines if line.startswith(("real digits", "gaussian fit", "untrained", "trained"))]
     assert [line.split("  ")[0].strip() for line in table] == [
-        "real digits (train split)", "gaussian fit of the pixels", "untrained model, 1 step",
-        "trained (EMA), 1 step", "trained (EMA), 2 steps", "trained (EMA), 4 steps", "trained (EMA), 8 steps",
+        "real digits (train split)",
+        "gaussian fit of the pixels",
+        "untrained model, 1 step",
+        "trained (EMA), 1 step",
+        "trained (EMA), 2 steps",
+        "trained (EMA), 4 steps",
+        "trained (EMA), 8 steps",
     ]
     assert (out / "samples_m4.png").is_file() and (out / "m4" / "checkpoint" / "ema.safetensors").is_file()
 
     demo_rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in table}
     printed = run_cli(capsys, "eval", "--checkpoint", str(out / "m4"), "--num-samples", "200")
-    eval_rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in printed.out.splitlines()
-                 if line.startswith(("untrained", "trained"))}
+    eval_rows = {
+        line.rsplit(None, 2)[0]: line.split()[-2:]
+        for line in printed.out.splitlines()
+        if line.startswith(("untrained", "trained"))
+    }
     assert eval_rows == {name: values for name, values in demo_rows.items() if name in eval_rows}
     assert len(eval_rows) == 5
 
@@ -112,8 +132,14 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
     from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES
 
     expected = {
-        "train": {"--schedule": SCHEDULE_NAMES, "--param": PARAMS, "--time-embed": TIME_EMBEDS,
-                  "--backend": BACKEND_NAMES, "--mixed-precision": MIXED_PRECISION_CHOICES, "--device": DEVICE_CHOICES},
+        "train": {
+            "--schedule": SCHEDULE_NAMES,
+            "--param": PARAMS,
+            "--time-embed": TIME_EMBEDS,
+            "--backend": BACKEND_NAMES,
+            "--mixed-precision": MIXED_PRECISION_CHOICES,
+            "--device": DEVICE_CHOICES,
+        },
         "sample": {"--sampler": SAMPLERS, "--grid": GRID_KINDS, "--device": DEVICE_CHOICES},
         "bench-sampling": {"--model": BENCH_MODELS, "--precision": PRECISIONS},
     }

@@ -26,7 +26,10 @@ FUSED = "triton"  # runs in the interpreter on the CPU; "auto" could silently ta
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_INTERPRET=1 without CUDA
 
 CONFIGS = {  # DiT's table: (depth, hidden, heads)
-    "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
 }
 
 
@@ -124,8 +127,10 @@ def test_state_dict_variants_and_pos_embed():
     for i in range(grid):
         for j in range(grid):
             expected = (
-                [math.sin(j * w) for w in omega] + [math.cos(j * w) for w in omega]
-                + [math.sin(i * w) for w in omega] + [math.cos(i * w) for w in omega]
+                [math.sin(j * w) for w in omega]
+                + [math.cos(j * w) for w in omega]
+                + [math.sin(i * w) for w in omega]
+                + [math.cos(i * w) for w in omega]
             )
             torch.testing.assert_close(model.pos_embed[0, i * grid + j], torch.tensor(expected), rtol=0, atol=1e-6)
     torch.testing.assert_close(model.pos_embed[0], get_2d_sincos_pos_embed(hidden, grid))
@@ -135,8 +140,10 @@ def test_initialisation_is_dit_s():
     model = tiny_dit()
     zero = [
         *(f"blocks.{n}.adaLN_modulation.1.{p}" for n in range(2) for p in ("weight", "bias")),
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
-        "final_layer.linear.weight", "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
     ]
     state = model.state_dict()
     for key in zero:
@@ -252,7 +259,9 @@ def test_block_and_final_layer_alone_match_the_transcription():
     torch.manual_seed(0)
     block, final = randomise(DiTBlock(24, 4).to(DEVICE)), randomise(FinalLayer(24, 2, 3).to(DEVICE))
     x, c = torch.randn(2, 16, 24, device=DEVICE), torch.randn(2, 24, device=DEVICE)
-    sd = {f"b.{k}": v for k, v in block.state_dict().items()} | {f"final_layer.{k}": v for k, v in final.state_dict().items()}
+    sd = {f"b.{k}": v for k, v in block.state_dict().items()} | {
+        f"final_layer.{k}": v for k, v in final.state_dict().items()
+    }
     with torch.no_grad():
         for backend in ("torch", FUSED):
             torch.testing.assert_close(block(x, c, backend), plain_block(sd, "b", x, c, 4), rtol=1e-4, atol=1e-5)
@@ -334,7 +343,9 @@ def test_batched_modulation_stays_packed_and_correct():
     params_before = list(model.parameters())
     model.double()
     assert len(modulation_storages(model)) == 2 and all(a is b for a, b in zip(params_before, model.parameters()))
-    torch.testing.assert_close(model(x.double(), t.double(), s.double(), labels).float(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model(x.double(), t.double(), s.double(), labels).float(), expected, rtol=1e-5, atol=1e-5
+    )
     model.float()
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert len(modulation_storages(clone)) == 2 and modulation_storages(clone) != modulation_storages(model)
@@ -377,7 +388,9 @@ def test_labels_null_class_and_unconditional():
         by_one_hot = model(x, t, s, one_hot)
         assert torch.equal(by_one_hot, model(x, t, s, torch.tensor([0, 3, 4], device=DEVICE)))
         null = model(x, t, s, torch.zeros(3, 5, device=DEVICE))
-        assert torch.equal(null, model(x, t, s, torch.full((3,), 5, device=DEVICE)))  # index num_classes is the null row
+        assert torch.equal(
+            null, model(x, t, s, torch.full((3,), 5, device=DEVICE))
+        )  # index num_classes is the null row
         assert torch.equal(null, model(x, t, s, None))
         assert (null - by_one_hot).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every sample sees its label
         # Mixed rows: each sample only depends on its own label.

@@ -18,7 +18,11 @@ import torch
 import imm_kernels
 from imm_kernels import adaln_modulate, adaln_residual_modulate
 from imm_kernels.ops.adaln import (
-    BACKWARD_PROGRAMS_PER_SM, MAX_HIDDEN, _rows_per_block, _segments, _target_programs,
+    BACKWARD_PROGRAMS_PER_SM,
+    MAX_HIDDEN,
+    _rows_per_block,
+    _segments,
+    _target_programs,
 )
 from imm_kernels.ops.backends import TRITON
 from imm_kernels.ops.reference import adaln_modulate_reference
@@ -163,8 +167,9 @@ def test_mixed_dtypes_fp32_stream_bf16_modulation(backend):
     assert [o.dtype for o in outputs] == [torch.float32, torch.float32]
     assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16, torch.bfloat16]
     assert_all_close(outputs, exact_outputs, rtol=1e-5, atol=1e-5)
-    assert_all_close([g.float() for g in grads], [g.to(o.dtype).float() for g, o in zip(exact_grads, grads)],
-                     rtol=1e-2, atol=1e-2)
+    assert_all_close(
+        [g.float() for g in grads], [g.to(o.dtype).float() for g, o in zip(exact_grads, grads)], rtol=1e-2, atol=1e-2
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -308,7 +313,8 @@ def test_cpu_without_interpreter_uses_the_reference():
         "import torch, imm_kernels\n"
         "from imm_kernels.ops.reference import adaln_modulate_reference\n"
         "x, m = torch.randn(2, 3, 8), torch.randn(2, 16)\n"
-        "assert torch.equal(imm_kernels.adaln_modulate(x, m[:, :8], m[:, 8:]), adaln_modulate_reference(x, m[:, :8], m[:, 8:]))\n"
+        "shift, scale = m[:, :8], m[:, 8:]\n"
+        "assert torch.equal(imm_kernels.adaln_modulate(x, shift, scale), adaln_modulate_reference(x, shift, scale))\n"
         "assert imm_kernels.timestep_embedding(torch.tensor([1.0, 500.0]), 8).shape == (2, 8)\n"
         "try:\n"
         "    imm_kernels.adaln_modulate(x, m[:, :8], m[:, 8:], backend='triton')\n"
@@ -388,8 +394,7 @@ def test_kernels_compile_for_sm90_without_spills():
     script = pathlib.Path(__file__).parents[2] / "benchmarks" / "ptxas_report_adaln.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default until 3.10; set to silence its warning
-    run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env,
-                         timeout=1200)
+    run = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, env=env, timeout=1200)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
     assert {r["kernel"] for r in rows} == {"adaln_forward", "adaln_backward", "timestep_embedding"}

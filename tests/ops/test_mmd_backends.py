@@ -13,7 +13,10 @@ import imm_kernels
 from imm_kernels import mmd_loss
 
 from helpers import (
-    make_inputs, needs_native, needs_triton, rel_err,
+    make_inputs,
+    needs_native,
+    needs_triton,
+    rel_err,
 )
 
 
@@ -159,8 +162,7 @@ def test_triton_refresh_rewrites_only_groups_whose_gradient_differs(num_groups, 
     grad_loss[1] = -2.5
     dx, dy = torch.full_like(x, 7.0), torch.full_like(y, 7.0)
     mmd_triton.mmd_refresh_grad_triton(grad_loss, expected, x, y, sqdist, bandwidth, weight, 4, 1e-8, dx, dy)
-    want_dx, want_dy = mmd_triton.mmd_backward_triton(grad_loss, x, y, sqdist, bandwidth, weight, 4, 1e-8,
-                                                      True, True)
+    want_dx, want_dy = mmd_triton.mmd_backward_triton(grad_loss, x, y, sqdist, bandwidth, weight, 4, 1e-8, True, True)
     rewritten = slice(4, 8)  # group 1's rows
     for got, want in ((dx, want_dx), (dy, want_dy)):
         assert torch.equal(got[rewritten], want[rewritten])
@@ -180,8 +182,11 @@ def test_triton_backward_needs_no_host_sync(reduction, device, monkeypatch):
     gradient .backward() sends and for any other, and its gradients are right for both."""
     x, y, bandwidth, weight = make_inputs(4, 6, 33, torch.float64, device)
     upstreams = [torch.ones((6,) if reduction == "none" else (), dtype=torch.float64, device=device)]
-    upstreams.append(torch.linspace(-1, 2, 6, dtype=torch.float64, device=device) if reduction == "none"
-                     else torch.tensor(3.0, dtype=torch.float64, device=device))
+    upstreams.append(
+        torch.linspace(-1, 2, 6, dtype=torch.float64, device=device)
+        if reduction == "none"
+        else torch.tensor(3.0, dtype=torch.float64, device=device)
+    )
 
     def host_sync(*_args, **_kwargs):
         raise _HostSync("the backward read a tensor on the host")
@@ -251,8 +256,9 @@ def test_triton_split_grid_sized_from_occupancy():
         def _init_handles(self):
             pass
 
-    hopper = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
-                             shared_memory_per_multiprocessor=233472)
+    hopper = SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
+    )
     assert programs_per_sm(Compiled(), 4, hopper) == 4  # registers: 128 x 128 threads, 4 blocks
     Compiled.n_regs = 32
     assert programs_per_sm(Compiled(), 4, hopper) == 13  # shared memory: 228 KiB / (16 + 1) KiB
@@ -273,7 +279,9 @@ def test_interleaved_cpu_benchmark_runs():
 
     script = pathlib.Path(__file__).parents[2] / "benchmarks" / "mmd_cpu_interleaved.py"
     run = subprocess.run(
-        [sys.executable, str(script), "--rounds", "4", "--shape", "16,4,64"], capture_output=True, text=True,
+        [sys.executable, str(script), "--rounds", "4", "--shape", "16,4,64"],
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -39,9 +39,18 @@ def host_finalize(tmp_path_factory):
         pytest.skip("g++ not found")
     library = tmp_path_factory.mktemp("finalize") / "mmd_cuda_finalize_host.so"
     command = [
-        compiler, "-std=c++17", "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-w", f"-I{ROOT / 'csrc'}",
-        *(f"-I{path}" for path in include_paths()), str(ROOT / "tests" / "ops" / "mmd_cuda_finalize_host.cpp"),
-        "-o", str(library),
+        compiler,
+        "-std=c++17",
+        "-O3",
+        "-ffp-contract=off",
+        "-shared",
+        "-fPIC",
+        "-w",
+        f"-I{ROOT / 'csrc'}",
+        *(f"-I{path}" for path in include_paths()),
+        str(ROOT / "tests" / "ops" / "mmd_cuda_finalize_host.cpp"),
+        "-o",
+        str(library),
     ]
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -54,14 +63,32 @@ def finalize(library, partial, group_size, bandwidth, eps, num_features, max_m=N
     scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
     function = library.finalize_group_float if dtype == torch.float32 else library.finalize_group_double
     function.restype = ctypes.c_bool
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, scalar, ctypes.c_double,
-                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    function.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+        scalar,
+        ctypes.c_double,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     partial = partial.contiguous()
     rows = 2 * group_size
     sqdist, result = torch.empty(rows, rows, dtype=dtype), torch.empty(2, dtype=dtype)
     max_m = max_m or plan_max_m(group_size)
-    assert function(partial.data_ptr(), partial.shape[0], group_size, max_m, bandwidth, eps, num_features,
-                    sqdist.data_ptr(), result.data_ptr())
+    assert function(
+        partial.data_ptr(),
+        partial.shape[0],
+        group_size,
+        max_m,
+        bandwidth,
+        eps,
+        num_features,
+        sqdist.data_ptr(),
+        result.data_ptr(),
+    )
     return sqdist, result[0], result[1]
 
 
@@ -75,8 +102,9 @@ def packed(sqdist, max_m):
 
 
 # (i, j) -> the index of pair i <= j in the packed upper triangle, per number of rows.
-PAIR_INDEX = {rows: {tuple(ij): p for p, ij in enumerate(torch.triu_indices(rows, rows).T.tolist())}
-              for rows in (2, 4, 8, 16)}
+PAIR_INDEX = {
+    rows: {tuple(ij): p for p, ij in enumerate(torch.triu_indices(rows, rows).T.tolist())} for rows in (2, 4, 8, 16)
+}
 
 
 def random_sqdist(group_size, dtype, seed=0, scale=1.0):
@@ -119,8 +147,14 @@ def test_matches_native_backend(host_finalize, dtype, group_size):
     for group in range(num_groups):
         for max_m in {plan_max_m(group_size), 8}:
             got_sqdist, got_mmd2, got_dmmd_db = finalize(
-                host_finalize, packed(sqdist[group], max_m)[None], group_size, bandwidth[group].item(), eps,
-                num_features, max_m)
+                host_finalize,
+                packed(sqdist[group], max_m)[None],
+                group_size,
+                bandwidth[group].item(),
+                eps,
+                num_features,
+                max_m,
+            )
             assert torch.equal(got_sqdist, sqdist[group])
             torch.testing.assert_close(got_mmd2, mmd2[group], **tolerances(dtype))
             torch.testing.assert_close(got_dmmd_db, dmmd_db[group], **tolerances(dtype))
@@ -170,8 +204,9 @@ def test_eps_close_pairs_have_distance_eps(host_finalize):
     sqdist[1, 7] = sqdist[7, 1] = eps**2
     assert ((sqdist <= eps**2).sum() - 10) // 2 > 10
     _, mmd2, dmmd_db = finalize(host_finalize, packed(sqdist, 8)[None], 5, bandwidth, eps, num_features)
-    torch.testing.assert_close((mmd2, dmmd_db), reference_mmd(sqdist, 5, bandwidth, eps, num_features),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        (mmd2, dmmd_db), reference_mmd(sqdist, 5, bandwidth, eps, num_features), rtol=1e-12, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,8 +247,14 @@ def test_cuda_forward_matches_host_emulation(host_finalize, dtype, group_size, n
     bandwidth, weight = bandwidth.to(dtype).cuda(), torch.ones(num_groups, dtype=dtype, device="cuda")
     _, sqdist, mmd2, dmmd_db = (t.cpu() for t in _C.mmd_forward_cuda(x, y, bandwidth, weight, group_size, eps))
     for group in range(min(num_groups, 4)):
-        got = finalize(host_finalize, packed(sqdist[group], plan_max_m(group_size))[None], group_size,
-                       bandwidth[group].item(), eps, num_features)
+        got = finalize(
+            host_finalize,
+            packed(sqdist[group], plan_max_m(group_size))[None],
+            group_size,
+            bandwidth[group].item(),
+            eps,
+            num_features,
+        )
         assert torch.equal(got[0], sqdist[group])
         torch.testing.assert_close((got[1], got[2]), (mmd2[group], dmmd_db[group]), **tolerances(dtype))
     _, _, mmd2, dmmd_db = _C.mmd_forward_cuda(x, x.clone(), bandwidth, weight, group_size, eps)

@@ -2,14 +2,17 @@
 against the forward then the backward, and x == y giving exactly 0.
 """
 
-
 import pytest
 import torch
 
 from imm_kernels.ops import reference
 
 from helpers import (
-    KERNEL_BACKENDS, loss_and_grads, make_inputs, needs_native, needs_triton,
+    KERNEL_BACKENDS,
+    loss_and_grads,
+    make_inputs,
+    needs_native,
+    needs_triton,
 )
 
 
@@ -81,8 +84,9 @@ def test_native_forward_with_grad_equals_forward_then_backward(dtype, group_size
     ],
 )
 @pytest.mark.parametrize("need_dy", [False, True])
-def test_triton_forward_with_grad_equals_forward_then_backward(dtype, group_size, num_groups, num_features,
-                                                               need_dy, device):
+def test_triton_forward_with_grad_equals_forward_then_backward(
+    dtype, group_size, num_groups, num_features, need_dy, device
+):
     """The forward that also writes the gradient gives, to the bit, what the forward and the backward give."""
     from imm_kernels.ops import mmd_triton
 
@@ -92,8 +96,9 @@ def test_triton_forward_with_grad_equals_forward_then_backward(dtype, group_size
     grad_loss = torch.rand(num_groups, dtype=cdtype, device=device) - 0.5
     fused = mmd_triton.mmd_forward_with_grad_triton(x, y, bandwidth, weight, group_size, 1e-8, grad_loss, True, need_dy)
     forward = mmd_triton.mmd_forward_triton(x, y, bandwidth, weight, group_size, 1e-8)
-    backward = mmd_triton.mmd_backward_triton(grad_loss, x, y, forward[1], bandwidth, weight, group_size, 1e-8,
-                                              True, need_dy)
+    backward = mmd_triton.mmd_backward_triton(
+        grad_loss, x, y, forward[1], bandwidth, weight, group_size, 1e-8, True, need_dy
+    )
     for got, expected in zip(fused, (*forward, *backward)):
         assert torch.equal(got, expected)
 
@@ -106,8 +111,9 @@ def test_triton_equal_inputs_give_exactly_zero(group_size, device):
     noise. (The bandwidth's gradient sums products k * d, which a GPU may contract into FMAs
     unevenly: it is 0 only to rounding there.)"""
     x, _, bandwidth, weight = make_inputs(group_size, 3, 37, device=device)
-    loss, (dx, dy, dbandwidth, dweight) = loss_and_grads(x, x.clone(), group_size, bandwidth, weight, "triton",
-                                                         reduction="none")
+    loss, (dx, dy, dbandwidth, dweight) = loss_and_grads(
+        x, x.clone(), group_size, bandwidth, weight, "triton", reduction="none"
+    )
     assert (loss == 0).all()
     assert (dx == 0).all() and (dy == 0).all() and (dweight == 0).all()
     torch.testing.assert_close(dbandwidth, torch.zeros_like(dbandwidth), rtol=0, atol=1e-9)

@@ -12,8 +12,13 @@ import imm_kernels
 from imm_kernels import BackendUnavailableError, mmd_loss
 
 from helpers import (
-    ALL_BACKENDS, REASONS, loss_and_grads, make_inputs, needs_cuda,
-    needs_native, needs_triton,
+    ALL_BACKENDS,
+    REASONS,
+    loss_and_grads,
+    make_inputs,
+    needs_cuda,
+    needs_native,
+    needs_triton,
 )
 
 
@@ -64,7 +69,8 @@ def test_pure_python_install_falls_back_to_the_reference():
         "from imm_kernels.ops.backends import MMD_AUTO, choose_backend\n"
         "x = torch.randn(4, 3)\n"
         "print(imm_kernels.backends()['native'])\n"
-        "print(choose_backend('auto', x.device, MMD_AUTO, group_size=2).name, float(imm_kernels.mmd_loss(x, x + 1, 2)) > 0)\n"
+        "picked = choose_backend('auto', x.device, MMD_AUTO, group_size=2).name\n"
+        "print(picked, float(imm_kernels.mmd_loss(x, x + 1, 2)) > 0)\n"
         "try:\n"
         "    imm_kernels.mmd_loss(x, x, 2, backend='native')\n"
         "except imm_kernels.BackendUnavailableError as err:\n"

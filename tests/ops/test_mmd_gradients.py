@@ -2,7 +2,6 @@
 only the gradients asked for, stride-0 upstream gradients.
 """
 
-
 import pytest
 import torch
 
@@ -10,7 +9,11 @@ from imm_kernels import mmd_loss
 from imm_kernels.ops.reference import mmd_loss_reference
 
 from helpers import (
-    ALL_BACKENDS, loss_and_grads, make_inputs, rel_err, skip_beyond_cuda_limit,
+    ALL_BACKENDS,
+    loss_and_grads,
+    make_inputs,
+    rel_err,
+    skip_beyond_cuda_limit,
 )
 
 

@@ -13,7 +13,12 @@ from imm_kernels.ops import reference
 from imm_kernels.ops.reference import mmd_loss_reference
 
 from helpers import (
-    ALL_BACKENDS, KERNEL_BACKENDS, loss_and_grads, make_inputs, rel_err, skip_beyond_cuda_limit,
+    ALL_BACKENDS,
+    KERNEL_BACKENDS,
+    loss_and_grads,
+    make_inputs,
+    rel_err,
+    skip_beyond_cuda_limit,
 )
 
 
@@ -63,12 +68,18 @@ def test_cdist_provider_matches_reference():
 # (group_size, num_groups, D): odd D, D not a multiple of any block size, and
 # num_groups below the interpreter's target of 4 programs so D is split too.
 PARITY_CASES = [
-    (1, 5, 37), (1, 2, 1001),
-    (2, 4, 37), (2, 1, 1001),
-    (3, 3, 37), (3, 2, 515),
-    (4, 4, 37), (4, 1, 1001),
-    (8, 2, 37), (8, 1, 515),
-    (16, 2, 37), (16, 1, 203),
+    (1, 5, 37),
+    (1, 2, 1001),
+    (2, 4, 37),
+    (2, 1, 1001),
+    (3, 3, 37),
+    (3, 2, 515),
+    (4, 4, 37),
+    (4, 1, 1001),
+    (8, 2, 37),
+    (8, 1, 515),
+    (16, 2, 37),
+    (16, 1, 203),
 ]
 
 
@@ -79,7 +90,9 @@ def test_fp32_parity_with_float64(backend, group_size, num_groups, num_features,
     x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, device=device, seed=num_features)
     loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
     ref_loss, ref_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
-    exact_loss, exact_grads = loss_and_grads(x.double(), y.double(), group_size, bandwidth, weight, "torch", reduction="none")
+    exact_loss, exact_grads = loss_and_grads(
+        x.double(), y.double(), group_size, bandwidth, weight, "torch", reduction="none"
+    )
     assert loss.dtype == torch.float32 and loss.shape == (num_groups,)
     # float32 accumulation over D <= 1001 terms: far under 1e-5 relative.
     torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-5, atol=1e-6)
@@ -149,13 +162,15 @@ def test_nearly_equal_outputs_are_accurate(backend, device):
     x, y, bandwidth = nearly_equal_group(group_size, num_groups, num_features, 1e-3, device)
     weight = torch.ones(num_groups, dtype=torch.float64, device=device)
     loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
-    exact_loss, exact_grads = loss_and_grads(x.double(), y.double(), group_size, bandwidth, weight, "torch", reduction="none")
+    exact_loss, exact_grads = loss_and_grads(
+        x.double(), y.double(), group_size, bandwidth, weight, "torch", reduction="none"
+    )
     assert rel_err(loss, exact_loss) < 1e-5
     for got, exact in zip(grads, exact_grads):
         assert rel_err(got, exact) < 1e-4
 
     z = x.reshape(num_groups, group_size, -1)
-    gram_sq = (z.square().sum(-1)[:, :, None] + z.square().sum(-1)[:, None, :] - 2 * z @ z.transpose(1, 2))
+    gram_sq = z.square().sum(-1)[:, :, None] + z.square().sum(-1)[:, None, :] - 2 * z @ z.transpose(1, 2)
     exact_sq = (z.double()[:, :, None] - z.double()[:, None, :]).square().sum(-1)
     off_diag = ~torch.eye(group_size, dtype=torch.bool, device=device)
     assert rel_err(gram_sq[:, off_diag], exact_sq[:, off_diag]) > 1e-3
@@ -211,7 +226,9 @@ def test_low_precision_policy(backend, dtype, device):
     x, y, bandwidth, weight = make_inputs(group_size, num_groups, num_features, dtype, device)
     loss, grads = loss_and_grads(x, y, group_size, bandwidth, weight, backend, reduction="none")
     same_dtype_loss, same_dtype_grads = loss_and_grads(x, y, group_size, bandwidth, weight, "torch", reduction="none")
-    fp32_loss, fp32_grads = loss_and_grads(x.float(), y.float(), group_size, bandwidth, weight, "torch", reduction="none")
+    fp32_loss, fp32_grads = loss_and_grads(
+        x.float(), y.float(), group_size, bandwidth, weight, "torch", reduction="none"
+    )
     assert loss.dtype == torch.float32
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
     loss_err = (loss - fp32_loss).abs().max().item()

@@ -8,8 +8,8 @@ import torch
 
 import imm_kernels
 from imm_kernels import timestep_embedding
-from imm_kernels.ops.reference import timestep_embedding_reference
 from imm_kernels.ops.backends import TRITON
+from imm_kernels.ops.reference import timestep_embedding_reference
 
 from helpers import DEVICE
 
@@ -66,7 +66,8 @@ def test_triton_matches_reference(max_period):
     torch.testing.assert_close(
         timestep_embedding(t, 160, max_period, backend="triton"),
         timestep_embedding_reference(t, 160, max_period),
-        rtol=0, atol=FP32_HALF_ULP_AT_1,
+        rtol=0,
+        atol=FP32_HALF_ULP_AT_1,
     )
 
 
@@ -78,9 +79,13 @@ def test_dtypes_and_layouts(backend):
     assert t64.dtype == torch.float64
     torch.testing.assert_close(t64, exact_embedding(t, 64), rtol=0, atol=1e-12)
     steps = torch.arange(0, 1000, 37, device=DEVICE)
-    torch.testing.assert_close(timestep_embedding(steps, 64, backend=backend), exact_embedding(steps.double(), 64).float())
+    torch.testing.assert_close(
+        timestep_embedding(steps, 64, backend=backend), exact_embedding(steps.double(), 64).float()
+    )
     t_low = t.bfloat16()
-    torch.testing.assert_close(timestep_embedding(t_low, 64, backend=backend), exact_embedding(t_low.double(), 64).float())
+    torch.testing.assert_close(
+        timestep_embedding(t_low, 64, backend=backend), exact_embedding(t_low.double(), 64).float()
+    )
     strided = t[::3]
     torch.testing.assert_close(timestep_embedding(strided, 64, backend=backend), exact_embedding(strided, 64).float())
 

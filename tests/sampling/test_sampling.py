@@ -25,15 +25,23 @@ CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_net(param="euler_fm", schedule="fm", time_embed="identity", label_dim=LABEL_DIM, dtype=torch.float64,
-             eps=0.0, seed=0):
+def make_net(
+    param="euler_fm", schedule="fm", time_embed="identity", label_dim=LABEL_DIM, dtype=torch.float64, eps=0.0, seed=0
+):
     """A tiny conditional MLP whose output layer is random (the library initialises it to zero, G = 0)."""
     torch.manual_seed(seed)
     backbone = MLPBackbone(DIM, hidden=16, depth=1, label_dim=label_dim, cond_dim=8)
     nn.init.normal_(backbone.out.weight, std=0.5)
     nn.init.normal_(backbone.out.bias, std=0.5)
-    net = Preconditioner(backbone.to(dtype), schedule=schedule, param=param, time_embed=time_embed,
-                         sigma_data=SIGMA_D, eps=eps, label_dim=label_dim)
+    net = Preconditioner(
+        backbone.to(dtype),
+        schedule=schedule,
+        param=param,
+        time_embed=time_embed,
+        sigma_data=SIGMA_D,
+        eps=eps,
+        label_dim=label_dim,
+    )
     return net.eval()
 
 
@@ -55,8 +63,12 @@ def transcribed_f(net, param, schedule, time_embed, x, t, s, one_hot, cfg_scale)
     batch = x.shape[0]
 
     def backbone(labels):
-        return net.backbone(c_in * x, torch.full((batch,), 1000 * t, dtype=torch.float64),
-                            torch.full((batch,), 1000 * second, dtype=torch.float64), labels)
+        return net.backbone(
+            c_in * x,
+            torch.full((batch,), 1000 * t, dtype=torch.float64),
+            torch.full((batch,), 1000 * second, dtype=torch.float64),
+            labels,
+        )
 
     if cfg_scale is None:
         g = backbone(one_hot)
@@ -130,16 +142,24 @@ def test_restart_equals_the_transcribed_algorithm_with_the_same_fresh_noise(para
     # The fresh noise matters, and a list of per-step tensors is the same input.
     other = restart(net, noise, grid, labels, cfg_scale, restart_noise=-fresh, dtype=torch.float64)
     assert not torch.allclose(out, other)
-    torch.testing.assert_close(restart(net, noise, grid, labels, cfg_scale, restart_noise=list(fresh),
-                                       dtype=torch.float64), out, rtol=0, atol=0)
+    torch.testing.assert_close(
+        restart(net, noise, grid, labels, cfg_scale, restart_noise=list(fresh), dtype=torch.float64),
+        out,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_restart_with_one_step_is_pushforward_and_a_generator_is_reproducible():
     net = make_net()
     noise, labels, _ = _inputs()
     grid = [0.994, 0.0]
-    torch.testing.assert_close(restart(net, noise, grid, labels, dtype=torch.float64),
-                               pushforward(net, noise, grid, labels, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(
+        restart(net, noise, grid, labels, dtype=torch.float64),
+        pushforward(net, noise, grid, labels, dtype=torch.float64),
+        rtol=0,
+        atol=0,
+    )
     grid = time_grid("uniform", 4, 0.994, 0.0)
     f64 = torch.float64
     first = restart(net, noise, grid, labels, generator=torch.Generator().manual_seed(3), dtype=f64)
@@ -199,8 +219,12 @@ def test_explicit_eta_grid_cifar_two_steps():
     assert grid.tolist() == [0.994, pytest.approx(1.4 / 2.4, rel=1e-15), 0.0]
     assert grid[1].item() == schedules.fm.eta_inv(1.4)
     grid = time_grid("eta", 3, 0.994, 0.0, mid_eta=[10.0, 0.5], schedule="vp_cosine")
-    torch.testing.assert_close(grid[1:3], torch.tensor([2 / math.pi * math.atan(10.0), 2 / math.pi * math.atan(0.5)],
-                                                       dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        grid[1:3],
+        torch.tensor([2 / math.pi * math.atan(10.0), 2 / math.pi * math.atan(0.5)], dtype=torch.float64),
+        rtol=1e-15,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -331,6 +355,7 @@ def test_captured_loop_keeps_the_time_and_guidance_tensors_alive(monkeypatch, sa
         def record(x, t, s, labels, *cfg_scale, **kwargs):
             read.extend(weakref.ref(value) for value in (t, s, *cfg_scale))
             return call(x, t, s, labels, *cfg_scale, **kwargs)
+
         return record
 
     monkeypatch.setattr(net, "forward", recording(net.forward))
@@ -367,8 +392,11 @@ def test_graphed_replay_equals_eager_bit_for_bit(sampler_kind, cfg_scale, dtype)
     for batch in (4, 1, 16, 4):  # new inputs each call, batch sizes interleaved over one memory pool
         noise = SIGMA_D * torch.randn(batch, DIM, device="cuda", generator=gen)
         labels = torch.randint(0, LABEL_DIM, (batch,), device="cuda", generator=gen)
-        extra = {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)} if (
-            sampler_kind == "restart") else {}
+        extra = (
+            {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)}
+            if (sampler_kind == "restart")
+            else {}
+        )
         out = sampler(noise, labels, **extra)
         expected = eager_fn(net, noise, grid, labels, cfg_scale, dtype=dtype, **extra)
         assert out.dtype == dtype and torch.equal(out, expected)
@@ -397,8 +425,11 @@ def test_graphed_replay_is_unchanged_by_reuse_of_freed_memory(sampler_kind):
     gen = torch.Generator(device="cuda").manual_seed(0)
     noise = SIGMA_D * torch.randn(batch, DIM, device="cuda", generator=gen)
     labels = torch.randint(0, LABEL_DIM, (batch,), device="cuda", generator=gen)
-    extra = {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)} if (
-        sampler_kind == "restart") else {}
+    extra = (
+        {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)}
+        if (sampler_kind == "restart")
+        else {}
+    )
     out = sampler(noise, labels, **extra)
     expected = (pushforward if sampler_kind == "pushforward" else restart)(net, noise, grid, labels, 1.5, **extra)
     assert torch.equal(out, expected)
@@ -431,11 +462,42 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
     from imm_kernels.train.sampling_helpers import balanced_labels, prior_noise
 
     run = tmp_path / "digits"
-    run_cli(capsys, "train", "--data", "digits", "--steps", "3", "--batch", "32", "--width", "16", "--depth", "1",
-         "--conditional", "--out", str(run))
+    run_cli(
+        capsys,
+        "train",
+        "--data",
+        "digits",
+        "--steps",
+        "3",
+        "--batch",
+        "32",
+        "--width",
+        "16",
+        "--depth",
+        "1",
+        "--conditional",
+        "--out",
+        str(run),
+    )
     out = tmp_path / "grid.png"
-    printed = run_cli(capsys, "sample", "--checkpoint", str(run), "--steps", "1,3", "--cfg-scale", "1.5",
-                   "--batch", "4", "--grid", "edm", "--seed", "5", "--out", str(out))
+    printed = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--steps",
+        "1,3",
+        "--cfg-scale",
+        "1.5",
+        "--batch",
+        "4",
+        "--grid",
+        "edm",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    )
     assert f"samples: {out} (one row per step count)" in printed.out
 
     # The command samples on the GPU when there is one (a CUDA graph, which equals the eager sampler there).
@@ -447,26 +509,68 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
 
     err = cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2", "--grid", "eta", "--out", str(out))
     assert "--grid eta needs --mid-eta" in err
-    err = cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2,4", "--grid", "eta", "--mid-eta", "1.4",
-                     "--out", str(out))
+    err = cli_fails(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--steps",
+        "2,4",
+        "--grid",
+        "eta",
+        "--mid-eta",
+        "1.4",
+        "--out",
+        str(out),
+    )
     assert "--mid-eta needs --grid eta and a single step count" in err
-    assert "--batch must be >= 1" in cli_fails(capsys, "sample", "--checkpoint", str(run), "--batch", "0",
-                                                "--out", str(out))
-    assert "argument --steps: expected step counts" in cli_fails(capsys, "sample", "--checkpoint", str(run),
-                                                                  "--steps", "0", "--out", str(out))
-    assert "argument --sampler: invalid choice" in cli_fails(capsys, "sample", "--checkpoint", str(run),
-                                                              "--sampler", "heun", "--out", str(out))
-    assert "is not a checkpoint" in cli_fails(capsys, "sample", "--checkpoint", str(tmp_path / "none"),
-                                               "--out", str(out))
+    assert "--batch must be >= 1" in cli_fails(
+        capsys, "sample", "--checkpoint", str(run), "--batch", "0", "--out", str(out)
+    )
+    assert "argument --steps: expected step counts" in cli_fails(
+        capsys, "sample", "--checkpoint", str(run), "--steps", "0", "--out", str(out)
+    )
+    assert "argument --sampler: invalid choice" in cli_fails(
+        capsys, "sample", "--checkpoint", str(run), "--sampler", "heun", "--out", str(out)
+    )
+    assert "is not a checkpoint" in cli_fails(
+        capsys, "sample", "--checkpoint", str(tmp_path / "none"), "--out", str(out)
+    )
 
 
 def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_path, capsys):
     run = tmp_path / "toy"
-    run_cli(capsys, "train", "--data", "toy2d", "--steps", "2", "--batch", "32", "--width", "16", "--depth", "1",
-         "--out", str(run))
+    run_cli(
+        capsys,
+        "train",
+        "--data",
+        "toy2d",
+        "--steps",
+        "2",
+        "--batch",
+        "32",
+        "--width",
+        "16",
+        "--depth",
+        "1",
+        "--out",
+        str(run),
+    )
     out = tmp_path / "points.png"
-    printed = run_cli(capsys, "sample", "--checkpoint", str(run), "--steps", "1,2", "--sampler", "restart",
-                   "--batch", "200", "--out", str(out))
+    printed = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--steps",
+        "1,2",
+        "--sampler",
+        "restart",
+        "--batch",
+        "200",
+        "--out",
+        str(out),
+    )
     assert "one panel per step count" in printed.out
     from PIL import Image
 
@@ -477,8 +581,9 @@ def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_pat
 
 def test_cli_bench_sampling_rows_and_what_graphed_means_here(capsys):
     # The tiny model without torch.compile: the GPU defaults (DiT-S/2, compiled) take minutes.
-    printed = run_cli(capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1", "--model", "tiny",
-                      "--no-compile")
+    printed = run_cli(
+        capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1", "--model", "tiny", "--no-compile"
+    )
     lines = printed.out.splitlines()
     if CUDA:
         assert "GPU busy" in printed.out and "no GPU" not in printed.out

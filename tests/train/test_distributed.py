@@ -16,8 +16,18 @@ from imm_kernels.train.trainer import CHECKPOINT_DIR, ProcessInfo, TrainConfig, 
 WORLD_SIZE = 2
 STEP = 3  # any step: the data slice and the draws are functions of (seed, rank, step)
 # On the CPU also where a GPU exists: the serial ranks must repeat the DDP ranks' kernels exactly.
-CONFIG = TrainConfig(data="digits", batch=32, group_size=4, width=16, depth=1, dropout=0.1, conditional=True,
-                     label_dropout=0.2, seed=5, device="cpu")
+CONFIG = TrainConfig(
+    data="digits",
+    batch=32,
+    group_size=4,
+    width=16,
+    depth=1,
+    dropout=0.1,
+    conditional=True,
+    label_dropout=0.2,
+    seed=5,
+    device="cpu",
+)
 
 
 def _free_port() -> int:
@@ -57,8 +67,10 @@ def test_ddp_gradients_equal_the_mean_of_the_ranks_computed_serially():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers, so that every kernel sums in the same order
     try:
-        serial = [_gradients(Trainer(CONFIG, None, process=ProcessInfo(rank, WORLD_SIZE), progress=False))
-                  for rank in range(WORLD_SIZE)]
+        serial = [
+            _gradients(Trainer(CONFIG, None, process=ProcessInfo(rank, WORLD_SIZE), progress=False))
+            for rank in range(WORLD_SIZE)
+        ]
     finally:
         torch.set_num_threads(threads)
     for rank in range(WORLD_SIZE):  # each rank's loss is its own batch and draws, as in the serial run
@@ -84,16 +96,40 @@ def test_ranks_take_disjoint_whole_group_slices_of_the_global_batch():
         Trainer(config, None, process=ProcessInfo(0, 5), progress=False)
 
 
-@pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
-])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
 def test_torchrun_two_processes_train_and_checkpoint(device, tmp_path):
     """Two ranks under torchrun; on CUDA also with one GPU, both ranks then on cuda:0 over gloo."""
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-        "-m", "imm_kernels", "train", "--data", "toy2d", "--steps", "4", "--batch", "32", "--width", "16",
-        "--depth", "1", "--device", device, "--out", str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "imm_kernels",
+        "train",
+        "--data",
+        "toy2d",
+        "--steps",
+        "4",
+        "--batch",
+        "32",
+        "--width",
+        "16",
+        "--depth",
+        "1",
+        "--device",
+        device,
+        "--out",
+        str(out),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,16 +158,27 @@ def test_a_rank_takes_its_local_rank_modulo_the_gpu_count(monkeypatch, gpus, loc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     with pytest.raises(_DeviceChosen):
-        Trainer(TrainConfig(data="toy2d", batch=32, device="cuda"), None,
-                process=ProcessInfo(local_rank, 2 * gpus, local_rank), progress=False)
+        Trainer(
+            TrainConfig(data="toy2d", batch=32, device="cuda"),
+            None,
+            process=ProcessInfo(local_rank, 2 * gpus, local_rank),
+            progress=False,
+        )
     assert chosen == [torch.device("cuda", expected)]
 
 
-@pytest.mark.parametrize("device_type, local_ranks, gpus, backend", [
-    ("cuda", 2, 2, "nccl"), ("cuda", 1, 4, "nccl"), ("cuda", 2, 1, "gloo"), ("cpu", 2, 2, "gloo"),
-])
-def test_the_process_group_is_nccl_only_with_a_gpu_per_rank(monkeypatch, recwarn, device_type, local_ranks, gpus,
-                                                             backend):
+@pytest.mark.parametrize(
+    "device_type, local_ranks, gpus, backend",
+    [
+        ("cuda", 2, 2, "nccl"),
+        ("cuda", 1, 4, "nccl"),
+        ("cuda", 2, 1, "gloo"),
+        ("cpu", 2, 2, "gloo"),
+    ],
+)
+def test_the_process_group_is_nccl_only_with_a_gpu_per_rank(
+    monkeypatch, recwarn, device_type, local_ranks, gpus, backend
+):
     joined = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda name: joined.append(name))
@@ -145,7 +192,9 @@ def test_the_process_group_is_nccl_only_with_a_gpu_per_rank(monkeypatch, recwarn
     assert joined == [backend]
     shared = [str(w.message) for w in recwarn if "share" in str(w.message)]
     if device_type == "cuda" and backend == "gloo":
-        assert shared == [f"{local_ranks} ranks share {gpus} GPU(s) on this node: NCCL needs a GPU per rank, "
-                          "so the process group uses gloo (slower)"]
+        assert shared == [
+            f"{local_ranks} ranks share {gpus} GPU(s) on this node: NCCL needs a GPU per rank, "
+            "so the process group uses gloo (slower)"
+        ]
     else:
         assert shared == []

@@ -25,9 +25,13 @@ def test_short_digits_run_lowers_the_fd():
     config = TrainConfig(steps=200, batch=64, width=32, depth=2, lr=2e-3, warmup=50, ema_decay=0.99, seed=0)
     trainer = Trainer(config, None, progress=False)
     trainer.train()
-    rows = digits_metric_rows({"trained": trainer.ema}, DigitsEvaluator(seed=0),
-                              untrained=untrained_net(trainer.config, trainer.data_info), steps=(1, 2),
-                              num_samples=500)
+    rows = digits_metric_rows(
+        {"trained": trainer.ema},
+        DigitsEvaluator(seed=0),
+        untrained=untrained_net(trainer.config, trainer.data_info),
+        steps=(1, 2),
+        num_samples=500,
+    )
     fd = {row.name: row.fd for row in rows}
     assert fd["trained, 1 step"] < fd["untrained model, 1 step"] / 3, format_metric_table(rows)
     assert fd["trained, 2 steps"] < fd["untrained model, 1 step"] / 3, format_metric_table(rows)
@@ -35,8 +39,11 @@ def test_short_digits_run_lowers_the_fd():
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     optimizer = {f"opt.{i}.{k}": v for i, s in trainer.optimizer.state_dict()["state"].items() for k, v in s.items()}
-    return {**{f"net.{k}": v for k, v in trainer.net.state_dict().items()},
-            **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}, **optimizer}
+    return {
+        **{f"net.{k}": v for k, v in trainer.net.state_dict().items()},
+        **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+        **optimizer,
+    }
 
 
 def test_checkpoint_then_resume_continues_bit_for_bit(tmp_path, monkeypatch):
@@ -71,7 +78,12 @@ def test_checkpoint_files_and_config_round_trip(tmp_path):
     checkpoint = find_checkpoint(tmp_path)
     assert checkpoint == tmp_path / CHECKPOINT_DIR
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "config.json", "ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json"]
+        "config.json",
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 6
     saved_config, data_info = load_run_config(tmp_path)
     assert saved_config == trainer.config and saved_config.sigma_data == pytest.approx(1.0, abs=0.02)
