@@ -7,7 +7,7 @@ import pytest
 
 from helpers import cli_fails, run_cli
 
-TINY = ["--batch", "32", "--width", "16", "--depth", "1"]
+TINY = [*"--batch 32 --width 16 --depth 1".split()]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,9 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tmp_path, capsys):
     out = tmp_path / "toy"
-    printed = run_cli(
-        capsys, "train", "--data", "toy2d", "--steps", "6", "--sample-every", "3", "--out", str(out), *TINY
-    )
+    printed = run_cli(capsys, *"train --data toy2d --steps 6 --sample-every 3 --out".split(), str(out), *TINY)
     assert "done: step 6" in printed.out
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
@@ -34,7 +32,7 @@ def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tm
 
     err = cli_fails(capsys, "train", "--resume", str(out), "--lr", "0.1")
     assert "only steps, sample_every, ckpt_every, log_every can change, got lr" in err
-    err = cli_fails(capsys, "train", "--data", "toy2d", "--steps", "2", "--out", str(out), *TINY)
+    err = cli_fails(capsys, *"train --data toy2d --steps 2 --out".split(), str(out), *TINY)
     assert "already holds a checkpoint" in err
 
 
@@ -90,7 +88,7 @@ def test_train_rejects_unknown_choices_and_bad_data_files(tmp_path, capsys):
 
 def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys):
     out = tmp_path / "demo"
-    printed = run_cli(capsys, "demo", "--steps", "20", "--batch", "64", "--num-samples", "200", "--out", str(out))
+    printed = run_cli(capsys, *"demo --steps 20 --batch 64 --num-samples 200 --out".split(), str(out))
     lines = printed.out.splitlines()
     table = [line for line in lines if line.startswith(("real digits", "gaussian fit", "untrained", "trained"))]
     assert [line.split("  ")[0].strip() for line in table] == [

@@ -378,6 +378,15 @@ def _cuda_net(param, label_dim=LABEL_DIM):
     return make_net(param, dtype=torch.float32, label_dim=label_dim).cuda()
 
 
+def _cuda_inputs(batch: int, sampler_kind: str, gen: torch.Generator):
+    """(noise, labels, the sampler's extra arguments): restart's fresh noise for its 4-step grid."""
+    noise = SIGMA_D * torch.randn(batch, DIM, device="cuda", generator=gen)
+    labels = torch.randint(0, LABEL_DIM, (batch,), device="cuda", generator=gen)
+    if sampler_kind != "restart":
+        return noise, labels, {}
+    return noise, labels, {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)}
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("sampler_kind", ["pushforward", "restart"])
 @pytest.mark.parametrize("cfg_scale", [None, 1.5])
@@ -390,13 +399,7 @@ def test_graphed_replay_equals_eager_bit_for_bit(sampler_kind, cfg_scale, dtype)
     eager_fn = pushforward if sampler_kind == "pushforward" else restart
     gen = torch.Generator(device="cuda").manual_seed(0)
     for batch in (4, 1, 16, 4):  # new inputs each call, batch sizes interleaved over one memory pool
-        noise = SIGMA_D * torch.randn(batch, DIM, device="cuda", generator=gen)
-        labels = torch.randint(0, LABEL_DIM, (batch,), device="cuda", generator=gen)
-        extra = (
-            {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)}
-            if (sampler_kind == "restart")
-            else {}
-        )
+        noise, labels, extra = _cuda_inputs(batch, sampler_kind, gen)
         out = sampler(noise, labels, **extra)
         expected = eager_fn(net, noise, grid, labels, cfg_scale, dtype=dtype, **extra)
         assert out.dtype == dtype and torch.equal(out, expected)
@@ -423,13 +426,7 @@ def test_graphed_replay_is_unchanged_by_reuse_of_freed_memory(sampler_kind):
     while torch.cuda.memory_stats()["reserved_bytes.small_pool.current"] == reserved:  # until a new segment
         garbage.extend(nan_times() for _ in range(256))
     gen = torch.Generator(device="cuda").manual_seed(0)
-    noise = SIGMA_D * torch.randn(batch, DIM, device="cuda", generator=gen)
-    labels = torch.randint(0, LABEL_DIM, (batch,), device="cuda", generator=gen)
-    extra = (
-        {"restart_noise": torch.randn(3, batch, DIM, device="cuda", generator=gen)}
-        if (sampler_kind == "restart")
-        else {}
-    )
+    noise, labels, extra = _cuda_inputs(batch, sampler_kind, gen)
     out = sampler(noise, labels, **extra)
     expected = (pushforward if sampler_kind == "pushforward" else restart)(net, noise, grid, labels, 1.5, **extra)
     assert torch.equal(out, expected)
@@ -464,19 +461,7 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
     run = tmp_path / "digits"
     run_cli(
         capsys,
-        "train",
-        "--data",
-        "digits",
-        "--steps",
-        "3",
-        "--batch",
-        "32",
-        "--width",
-        "16",
-        "--depth",
-        "1",
-        "--conditional",
-        "--out",
+        *"train --data digits --steps 3 --batch 32 --width 16 --depth 1 --conditional --out".split(),
         str(run),
     )
     out = tmp_path / "grid.png"
@@ -485,17 +470,7 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
         "sample",
         "--checkpoint",
         str(run),
-        "--steps",
-        "1,3",
-        "--cfg-scale",
-        "1.5",
-        "--batch",
-        "4",
-        "--grid",
-        "edm",
-        "--seed",
-        "5",
-        "--out",
+        *"--steps 1,3 --cfg-scale 1.5 --batch 4 --grid edm --seed 5 --out".split(),
         str(out),
     )
     assert f"samples: {out} (one row per step count)" in printed.out
@@ -514,13 +489,7 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
         "sample",
         "--checkpoint",
         str(run),
-        "--steps",
-        "2,4",
-        "--grid",
-        "eta",
-        "--mid-eta",
-        "1.4",
-        "--out",
+        *"--steps 2,4 --grid eta --mid-eta 1.4 --out".split(),
         str(out),
     )
     assert "--mid-eta needs --grid eta and a single step count" in err
@@ -542,18 +511,7 @@ def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_pat
     run = tmp_path / "toy"
     run_cli(
         capsys,
-        "train",
-        "--data",
-        "toy2d",
-        "--steps",
-        "2",
-        "--batch",
-        "32",
-        "--width",
-        "16",
-        "--depth",
-        "1",
-        "--out",
+        *"train --data toy2d --steps 2 --batch 32 --width 16 --depth 1 --out".split(),
         str(run),
     )
     out = tmp_path / "points.png"
@@ -562,13 +520,7 @@ def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_pat
         "sample",
         "--checkpoint",
         str(run),
-        "--steps",
-        "1,2",
-        "--sampler",
-        "restart",
-        "--batch",
-        "200",
-        "--out",
+        *"--steps 1,2 --sampler restart --batch 200 --out".split(),
         str(out),
     )
     assert "one panel per step count" in printed.out
@@ -581,9 +533,7 @@ def test_cli_sample_restart_on_2d_points_and_the_unconditional_cfg_error(tmp_pat
 
 def test_cli_bench_sampling_rows_and_what_graphed_means_here(capsys):
     # The tiny model without torch.compile: the GPU defaults (DiT-S/2, compiled) take minutes.
-    printed = run_cli(
-        capsys, "bench-sampling", "--quick", "--steps", "1", "--repeats", "1", "--model", "tiny", "--no-compile"
-    )
+    printed = run_cli(capsys, *"bench-sampling --quick --steps 1 --repeats 1 --model tiny --no-compile".split())
     lines = printed.out.splitlines()
     if CUDA:
         assert "GPU busy" in printed.out and "no GPU" not in printed.out
