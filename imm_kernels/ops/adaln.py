@@ -41,7 +41,7 @@ from torch import Tensor
 from ..validation import check_choice
 from .backends import TORCH, TRITON_AUTO, TRITON_BACKEND_NAMES, choose_backend
 from .reference import adaln_modulate_reference, adaln_residual_modulate_reference
-from .utils import compute_dtype, jit, tl, triton
+from .utils import compute_dtype, jit, programs_on, tl, triton
 
 # A row of H is held in registers; wider rows take the reference.
 MAX_HIDDEN = 16384
@@ -443,13 +443,6 @@ def _launch_config(hidden: int, streamed: tuple[Tensor, ...]) -> dict:
     return dict(BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail, NUM_STAGES=num_stages, num_warps=num_warps)
 
 
-def _target_programs(device: torch.device, programs_per_sm: int) -> int:
-    """How many programs fill the device; fewer samples than this split L into blocks."""
-    if device.type == "cuda":
-        return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: small, but enough that CPU tests sum several partials
-
-
 # Programs launched per SM, fewer than fit at once (sm_90, H = 1152, bf16/fp32: 8+ forward and
 # 4+ backward programs, with Triton 3.6 or 3.9), so that each grid runs in one wave; the
 # backward launches fewer still: each of its blocks writes a (2 or 3, H) fp32 partial that is
@@ -479,7 +472,7 @@ def adaln_forward_triton(x, y, gate, shift, scale, eps):
     rstd = torch.empty_like(mean)
     if mean.numel() == 0:
         return h, x_new, mean, rstd
-    rows_per_block = _rows_per_block(num_samples, seq_len, _target_programs(x.device, FORWARD_PROGRAMS_PER_SM))
+    rows_per_block = _rows_per_block(num_samples, seq_len, programs_on(x.device, FORWARD_PROGRAMS_PER_SM))
     config = _launch_config(hidden, (x, y) if has_residual else (x,))
     _adaln_fwd_kernel[(triton.cdiv(seq_len, rows_per_block), num_samples)](
         x,
@@ -517,7 +510,7 @@ def adaln_backward_triton(grad_h, grad_x_new, x, y, gate, scale, mean, rstd):
     num_sums = 3 if has_residual else 2
     if mean.numel() == 0:
         return dx, dy, torch.zeros((num_samples, num_sums, hidden), dtype=mean.dtype, device=x.device)
-    rows_per_block = _rows_per_block(num_samples, seq_len, _target_programs(x.device, BACKWARD_PROGRAMS_PER_SM))
+    rows_per_block = _rows_per_block(num_samples, seq_len, programs_on(x.device, BACKWARD_PROGRAMS_PER_SM))
     num_blocks = triton.cdiv(seq_len, rows_per_block)
     partial = torch.empty((num_samples, num_blocks, num_sums, hidden), dtype=mean.dtype, device=x.device)
     has_dres = grad_x_new is not None

@@ -74,8 +74,17 @@ def as_rows(t: Tensor) -> Tensor:
 # Grid sizing: how many programs of a compiled Triton kernel fill the GPU
 # ----------------------------------------------------------------------------
 
+# In the interpreter: few, so that CPU tests exercise the paths for few programs (split D, partial sums).
+INTERPRETER_PROGRAMS = 4
 # Programs the GPU holds at once, per (device, kernel variant): from the compiled kernel.
 _RESIDENT_PROGRAMS: dict[tuple, int] = {}
+
+
+def programs_on(device: torch.device, programs_per_sm: int) -> int:
+    """programs_per_sm on every SM of the device (INTERPRETER_PROGRAMS off CUDA)."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def programs_per_sm(compiled, num_warps: int, props) -> int:
@@ -92,11 +101,10 @@ def programs_per_sm(compiled, num_warps: int, props) -> int:
 def resident_programs(kernel, device: torch.device, args: tuple, constexprs: dict, num_warps: int) -> int:
     """How many programs of `kernel`, launched with these arguments, fill the device once.
 
-    On CUDA it compiles the kernel (without launching) and reads its occupancy; in the
-    interpreter it is small, so that CPU tests exercise the paths for few programs too.
+    On CUDA it compiles the kernel (without launching) and reads its occupancy.
     """
     if device.type != "cuda":
-        return 4
+        return INTERPRETER_PROGRAMS
     key = (device.index, kernel.fn.__name__, args[0].dtype, num_warps, tuple(sorted(constexprs.items())))
     if key not in _RESIDENT_PROGRAMS:
         compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)

@@ -22,10 +22,10 @@ from imm_kernels.ops.adaln import (
     MAX_HIDDEN,
     _rows_per_block,
     _segments,
-    _target_programs,
 )
 from imm_kernels.ops.backends import TRITON
 from imm_kernels.ops.reference import adaln_modulate_reference
+from imm_kernels.ops.utils import programs_on
 
 from helpers import DEVICE
 
@@ -238,7 +238,7 @@ def test_empty_batch_or_sequence(shape):
 @needs_triton
 def test_backward_is_deterministic():
     """L = 13 in blocks of 4 rows, so dshift/dscale/dgate sum 4 partials; two runs agree bitwise."""
-    assert _rows_per_block(1, 13, _target_programs(torch.device(DEVICE), BACKWARD_PROGRAMS_PER_SM)) == 4
+    assert _rows_per_block(1, 13, programs_on(torch.device(DEVICE), BACKWARD_PROGRAMS_PER_SM)) == 4
     x, y, modulation = make_inputs(1, 13, 1152)
     _, first = run("residual", x, y, modulation, "triton")
     _, second = run("residual", x, y, modulation, "triton")
