@@ -88,7 +88,7 @@ _EMA_RAMP = 10
 class TrainConfig:
     """Everything that defines a training run; saved as `config.json` with every checkpoint.
 
-    The defaults are the `imm-kernels demo` run on 8×8 digits (about 4–5 minutes on 2 CPU cores).
+    The defaults are the `imm-kernels demo` run on 8×8 digits (about 1.5 minutes on 2 CPU cores, 4–5 on a busier host).
 
     data: "digits", "toy2d" (= "checkerboard"), "checkerboard", "8gaussians", or a path
         (image folder or .npy/.npz array; see `imm_kernels.train.load_dataset`).
