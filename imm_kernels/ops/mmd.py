@@ -130,8 +130,7 @@ def _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend
         _check_per_group(weight, "weight", num_groups, x.device, non_negative=False)
     if not isinstance(eps, Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKEND_NAMES)
     return num_groups
 
@@ -169,23 +168,22 @@ class FusedMMD:
     """One fused backend's MMD: its custom ops `imm_kernels::mmd_{forward,backward}_<name>`,
     their fake implementations and autograd, and the forward-with-gradient path.
 
-    The ops read `backend.mmd` when they run, so the kernels are the record's.
+    The ops read `backend.mmd` when they run, so the kernels are always the record's.
     """
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        kernels = lambda: backend.mmd  # noqa: E731 (read at call time)
 
         def forward(
             x: Tensor, y: Tensor, bandwidth: Tensor, weight: Tensor, group_size: int, eps: float
         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             """-> (loss_g, S, MMD^2_g, dMMD^2_g/db): the last three are saved for the backward."""
-            return kernels().forward(
+            return backend.mmd.forward(
                 as_rows(x), as_rows(y), bandwidth.contiguous(), weight.contiguous(), group_size, eps
             )
 
         def forward_fake(x, y, bandwidth, weight, group_size, eps):
-            num_groups, rows = x.shape[0] // group_size, kernels().saved_rows(group_size)
+            num_groups, rows = x.shape[0] // group_size, backend.mmd.saved_rows(group_size)
             cdtype = compute_dtype(x.dtype)
             per_group = [x.new_empty(num_groups, dtype=cdtype) for _ in range(3)]
             return per_group[0], x.new_empty((num_groups, rows, rows), dtype=cdtype), per_group[1], per_group[2]
@@ -203,7 +201,7 @@ class FusedMMD:
             need_dy: bool,
         ) -> tuple[Tensor, Tensor]:
             """-> (dx, dy) shaped like x and y; an empty tensor stands for a gradient not asked for."""
-            dx, dy = kernels().backward(
+            dx, dy = backend.mmd.backward(
                 grad_loss.to(sqdist.dtype),
                 as_rows(x),
                 as_rows(y),
