@@ -21,10 +21,17 @@ from .dit import (
     TimestepEmbedder,
 )
 from .small import ConvBackbone, MLPBackbone
+from .unet import SongUNet, UNetBlock
+
+# The backbones a saved model description (model.json) may name, by class name.
+BACKBONES = {"DiT": DiT, "SongUNet": SongUNet, "MLPBackbone": MLPBackbone, "ConvBackbone": ConvBackbone}
 
 __all__ = [
+    "BACKBONES",
     "ConvBackbone",
     "MLPBackbone",
+    "SongUNet",
+    "UNetBlock",
     "DiT",
     "DiTBlock",
     "FinalLayer",
