@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from . import schedules
 from .ops.reference import compute_dtype
 from .schedules import Time, float64_eval
-from .validation import check_choice, check_nonnegative_int, check_number, check_positive, check_time_range
+from .validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_number,
+    check_positive,
+    check_positive_int,
+    check_time_range,
+)
 
 __all__ = ["Preconditioner", "PARAMS", "TIME_EMBEDS", "MIXED_PRECISIONS", "check_parameterisation"]
 
@@ -50,6 +57,13 @@ class Preconditioner(nn.Module):
         label_dim: number of classes; 0 for an unconditional model.
         time_scale: the factor applied to the times given to the backbone.
         mixed_precision: None, "bf16" or "fp16": autocast dtype of the backbone.
+        sample_shape: the per-sample shape (e.g. (C, R, R)) when known; samplers and the CLI
+            read it (`imm_kernels.load_official` and `load_model` set it).
+
+    Calling conventions: besides floats and (B,) tensors, times may be given as the official
+    IMM code does, e.g. (B, 1, 1, 1) or (1,) tensors; labels as (B,) class indices, (B, label_dim)
+    float or integer rows (soft rows are passed on as they are), or one (1, label_dim) row for
+    the whole batch.
     """
 
     def __init__(
@@ -64,6 +78,7 @@ class Preconditioner(nn.Module):
         label_dim: int = 0,
         time_scale: float = 1000.0,
         mixed_precision: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if not callable(backbone):
@@ -77,6 +92,9 @@ class Preconditioner(nn.Module):
         self.label_dim = check_nonnegative_int("label_dim", label_dim)
         self.time_scale = check_positive("time_scale", time_scale)
         self.mixed_precision = check_choice("mixed_precision", mixed_precision, tuple(MIXED_PRECISIONS))
+        if sample_shape is not None:
+            sample_shape = tuple(check_positive_int("sample_shape entries", n) for n in sample_shape)
+        self.sample_shape = sample_shape
 
     # Coefficients: float64 inside, returned in the dtype of t (see schedules.float64_eval).
 
@@ -136,10 +154,12 @@ class Preconditioner(nn.Module):
     # Labels and times.
 
     def as_one_hot(self, class_labels: Tensor | None, batch_size: int, device: torch.device) -> Tensor | None:
-        """class_labels as (B, label_dim) float32 one-hot rows; None for an unconditional model.
+        """class_labels as (B, label_dim) float32 rows; None for an unconditional model.
 
-        Accepts (B,) integer class indices or (B, label_dim) float rows; None on a
-        conditional model means the null label (all zeros).
+        Accepts (B,) integer class indices, (B, label_dim) float rows (one-hot, all-zero for the
+        null label, or soft rows, passed on unchanged), (B, label_dim) integer rows (as floats),
+        or a single (1, label_dim) row for the whole batch. None on a conditional model is the
+        null label (all zeros).
         """
         if self.label_dim == 0:
             if class_labels is not None:
@@ -149,30 +169,34 @@ class Preconditioner(nn.Module):
             return torch.zeros(batch_size, self.label_dim, device=device)
         if not isinstance(class_labels, Tensor):
             raise TypeError(f"class_labels must be a tensor or None, got {type(class_labels).__name__}")
-        if class_labels.is_floating_point():
-            if class_labels.shape != (batch_size, self.label_dim):
+        if class_labels.dtype == torch.bool or class_labels.is_complex():
+            raise TypeError(f"class_labels must be integer or floating-point, got {class_labels.dtype}")
+        if class_labels.dim() == 2:
+            if class_labels.shape[1] != self.label_dim or class_labels.shape[0] not in (1, batch_size):
                 raise ValueError(
-                    f"float class_labels must be one-hot of shape ({batch_size}, {self.label_dim}), "
+                    f"class_labels rows must have shape ({batch_size}, {self.label_dim}) or (1, {self.label_dim}), "
                     f"got {tuple(class_labels.shape)}"
                 )
-            return class_labels.to(device=device, dtype=torch.float32)
-        if class_labels.dtype == torch.bool or class_labels.shape != (batch_size,):
+            return class_labels.to(device=device, dtype=torch.float32).expand(batch_size, -1)
+        if class_labels.is_floating_point() or class_labels.shape != (batch_size,):
             raise ValueError(
-                f"integer class_labels must be class indices of shape ({batch_size},), "
-                f"got {tuple(class_labels.shape)} of {class_labels.dtype}"
+                f"class_labels must be ({batch_size},) integer class indices or rows of shape "
+                f"({batch_size}, {self.label_dim}), got {tuple(class_labels.shape)} of {class_labels.dtype}"
             )
         return nn.functional.one_hot(class_labels.to(device).long(), self.label_dim).float()
 
     @staticmethod
     def _per_sample(value: Time, name: str, batch_size: int, like: Tensor) -> Tensor:
-        """A float, 0-dim or (B,) tensor as a (B,) float64 tensor on like's device."""
+        """A float or a tensor holding one value or one per sample ((), (1,), (B,), (B, 1, 1, 1), ...) as a
+        (B,) float64 tensor on like's device."""
         if not isinstance(value, Tensor):
             return torch.full((batch_size,), check_number(name, value), dtype=torch.float64, device=like.device)
-        if value.shape not in (torch.Size([]), torch.Size([batch_size])):
+        if value.dim() > 0 and (value.shape[0] not in (1, batch_size) or any(n != 1 for n in value.shape[1:])):
             raise ValueError(
-                f"{name} must be a number or a tensor of shape () or ({batch_size},), got {tuple(value.shape)}"
+                f"{name} must be a number or a tensor of shape (), (1,), ({batch_size},) or ({batch_size}, 1, ...), "
+                f"got {tuple(value.shape)}"
             )
-        return value.to(device=like.device, dtype=torch.float64).expand(batch_size)
+        return value.to(device=like.device, dtype=torch.float64).reshape(-1).expand(batch_size)
 
     def _check_x(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -259,3 +283,17 @@ class Preconditioner(nn.Module):
         conditional, unconditional = both.chunk(2)
         scale = self._per_sample(cfg_scale, "cfg_scale", batch_size, x).to(both.dtype).view(-1, *[1] * (x.dim() - 1))
         return self._skip_out_combine(x, t, s, unconditional + scale * (conditional - unconditional))
+
+    def cfg_forward(
+        self,
+        x: Tensor,
+        t: Time,
+        s: Time,
+        class_labels: Tensor | None = None,
+        force_fp32: bool = False,
+        cfg_scale: float | Tensor | None = None,
+    ) -> Tensor:
+        """The official IMM code's name and argument order: `guided` when cfg_scale is given, else `forward`."""
+        if cfg_scale is None:
+            return self(x, t, s, class_labels, force_fp32=force_fp32)
+        return self.guided(x, t, s, class_labels, cfg_scale, force_fp32=force_fp32)

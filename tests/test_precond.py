@@ -180,6 +180,28 @@ def test_class_labels_indices_one_hot_and_null():
     assert torch.equal(backbone.calls[-1]["labels"], torch.zeros(3, 4))
 
 
+def test_official_calling_conventions_equal_the_canonical_call():
+    """The official IMM code passes (B, 1, 1, 1) or (1,) times, integer one-hot rows (F.one_hot), one null row
+    (1, label_dim) for the batch, and soft rows, which reach the backbone unchanged."""
+    backbone = TinyBackbone(label_dim=4)
+    net = Preconditioner(backbone, label_dim=4)
+    x = torch.randn(3, 3)
+    t, s = torch.tensor([0.5, 0.7, 0.9]), torch.tensor([0.1, 0.2, 0.3])
+    indices = torch.tensor([2, 0, 3])
+    canonical = net(x, t, s, indices)
+    assert torch.equal(net(x, t.view(3, 1, 1, 1), s.view(3, 1, 1, 1), indices), canonical)
+    assert torch.equal(net(x, t, s, torch.nn.functional.one_hot(indices, 4)), canonical)  # int64 rows
+    assert torch.equal(net(x, torch.tensor([0.5]), 0.1, indices), net(x, 0.5, 0.1, indices))
+    assert torch.equal(net(x, t, s, torch.zeros(1, 4)), net(x, t, s))  # one null row for all
+    assert torch.equal(net(x, t, s, torch.eye(4)[2:3]), net(x, t, s, torch.tensor([2, 2, 2])))
+    soft = torch.tensor([[0.25, 0.25, 0.5, 0.0], [0.0, 0.1, 0.0, 0.0], [0.6, 0.0, 0.0, 0.4]])
+    net(x, t, s, soft)
+    assert torch.equal(backbone.calls[-1]["labels"], soft)
+
+    assert torch.equal(net.cfg_forward(x, t, s, indices), canonical)
+    assert torch.equal(net.cfg_forward(x, t, s, indices, cfg_scale=1.5), net.guided(x, t, s, indices, 1.5))
+
+
 def test_unconditional_model_passes_no_labels():
     backbone = TinyBackbone()
     Preconditioner(backbone)(torch.randn(2, 3), 0.5, 0.1)
@@ -246,8 +268,12 @@ def test_bad_configs_raise(kwargs, error, match):
 def test_bad_calls_raise():
     net = Preconditioner(TinyBackbone())
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"t must be a number or a tensor of shape \(\) or \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"t must be a number or a tensor of shape \(\), \(1,\), \(4,\) or \(4, 1, ...\)"
+    ):
         net(x, torch.rand(3), 0.1)
+    with pytest.raises(ValueError, match=r"s must be a number or a tensor of shape .*got \(4, 2\)"):
+        net(x, 0.5, torch.rand(4, 2))
     with pytest.raises(ValueError, match="model is unconditional"):
         net(x, 0.5, 0.1, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="needs a conditional model"):
@@ -256,7 +282,11 @@ def test_bad_calls_raise():
         Preconditioner(lambda x, c_t, c_s, labels: x[:, :2])(x, 0.5, 0.1)
 
     conditional = Preconditioner(TinyBackbone(label_dim=2), label_dim=2)
-    with pytest.raises(ValueError, match=r"float class_labels must be one-hot of shape \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"class_labels rows must have shape \(4, 2\) or \(1, 2\), got \(4, 3\)"):
         conditional(x, 0.5, 0.1, torch.zeros(4, 3))
-    with pytest.raises(ValueError, match=r"integer class_labels must be class indices of shape \(4,\)"):
-        conditional(x, 0.5, 0.1, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"class_labels rows must have shape .* got \(2, 2\)"):
+        conditional(x, 0.5, 0.1, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"class_labels must be \(4,\) integer class indices or rows"):
+        conditional(x, 0.5, 0.1, torch.zeros(4))
+    with pytest.raises(TypeError, match="class_labels must be integer or floating-point, got torch.bool"):
+        conditional(x, 0.5, 0.1, torch.zeros(4, 2, dtype=torch.bool))

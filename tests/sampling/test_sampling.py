@@ -319,6 +319,18 @@ def test_graphed_sampler_on_cpu_is_the_eager_sampler(sampler_kind):
     assert torch.equal(sampler(noise, labels, **extra), eager)
 
 
+def test_samplers_take_the_official_label_forms():
+    """Official scripts pass F.one_hot rows (int64) and, for the null label, one (1, label_dim) row of zeros."""
+    net = make_net(param="simple_edm", dtype=torch.float32)
+    noise, labels, _ = _inputs(batch=4)
+    noise, grid = noise.float(), time_grid("uniform", 2, 0.994, 0.0)
+    one_hot_rows = torch.nn.functional.one_hot(labels, LABEL_DIM)
+    expected = pushforward(net, noise, grid, labels, 1.5)
+    assert torch.equal(pushforward(net, noise, grid, one_hot_rows, 1.5), expected)
+    assert torch.equal(GraphedSampler(net, 4, grid, cfg_scale=1.5)(noise, one_hot_rows), expected)
+    assert torch.equal(pushforward(net, noise, grid, torch.zeros(1, LABEL_DIM)), pushforward(net, noise, grid))
+
+
 # Capture keeps what the graph reads alive.
 
 
