@@ -5,6 +5,8 @@ Set TRITON_INTERPRET=1 before importing to run the Triton kernels on the CPU.
 
 from . import sampling, schedules
 from .loss import IMMLoss
+from .model_files import convert_official, load_model
+from .official import OfficialCheckpointError, load_official
 from .ops.adaln import adaln_modulate, adaln_residual_modulate
 from .ops.backends import backends, empty_native_cache
 from .ops.mmd import mmd_loss
@@ -27,4 +29,8 @@ __all__ = [
     "adaln_residual_modulate",
     "timestep_embedding",
     "sampling",
+    "load_official",
+    "OfficialCheckpointError",
+    "convert_official",
+    "load_model",
 ]

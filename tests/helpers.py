@@ -91,3 +91,40 @@ def cli_fails(capsys, *argv) -> str:
         main(list(argv))
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Models with every weight in play
+# ----------------------------------------------------------------------------
+
+
+def randomise_parameters(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Weights ~ N(0, 1/fan_in), vectors ~ N(0, 0.1²): activations stay O(1) and no layer is zero
+    (DiT and the U-Net start with zero or near-zero output layers, which would hide everything)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                continue
+            std = 1 / math.sqrt(param[0].numel()) if param.dim() >= 2 else 0.1
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.device) * std)
+    return model
+
+
+def save_tiny_vae(folder, sample_size: int = 32):
+    """A tiny random diffusers AutoencoderKL (4 blocks of 8 channels: the Stable Diffusion VAEs' 8x
+    upsampling, 4 latent channels) saved to folder with save_pretrained; needs diffusers."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=sample_size,
+    )
+    vae.save_pretrained(folder)
+    return folder

@@ -4,6 +4,7 @@
     imm-kernels train     train IMM on digits, 2-D toys or your data (also under torchrun)
     imm-kernels eval      sample a checkpoint: metric table for digits, plots or arrays otherwise
     imm-kernels sample    few-step samples of a checkpoint (CUDA-graph replay on a GPU) as one PNG
+    imm-kernels convert   a released IMM checkpoint (.pkl) as a model folder (safetensors + JSON)
     imm-kernels bench-sampling
                           latency per sampling call: eager vs torch.compile vs GraphedSampler
     imm-kernels report    backends available here, their accuracy against float64,
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench_sampling, demo, evaluate, report, sample, train
+from . import bench_sampling, convert, demo, evaluate, report, sample, train
 
 # In the order `imm-kernels --help` lists them.
-COMMANDS = (demo, train, evaluate, sample, bench_sampling, report)
+COMMANDS = (demo, train, evaluate, sample, convert, bench_sampling, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,7 +88,7 @@ def run(args) -> None:
     print("-" * len(header))
     for batch in batches:
         for num_steps in step_counts:
-            for cfg_scale in (None, args.cfg_scale):
+            for cfg_scale in (None, args.cfg_scale) if net.label_dim else (None,):  # guidance needs labels
                 noise, labels = sampling_inputs(net, batch, sample_shape, cfg_scale)
                 times = time_grid("uniform", num_steps, net.T, net.eps).tolist()
                 calls = sampling_providers(net, noise, labels, times, cfg_scale, providers)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 
-# Errors a bad configuration, data set or checkpoint path raises while a run is set up.
-SETUP_ERRORS = (ValueError, TypeError, OSError)
+# Errors a bad configuration, data set or checkpoint path, or a missing optional extra, raises while a run is set up.
+SETUP_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def fail(command: str, err: Exception) -> None:
@@ -32,3 +33,25 @@ def comma_separated_counts(what: str, example: str) -> Callable[[str], tuple[int
 
 
 parse_step_counts = comma_separated_counts("step counts", "1,2,4,8")
+
+
+def comma_separated_labels(text: str) -> tuple[int, ...]:
+    """An argparse type for comma-separated class indices >= 0, such as 207,360,387."""
+    try:
+        labels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        labels = ()
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"expected class indices like 207,360,387, got {text!r}")
+    return labels
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """An argparse type for NAME=VALUE; VALUE is read as JSON (numbers, true/false/null, lists) or else a string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE like temb_type=identity, got {text!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw

@@ -1,4 +1,8 @@
-"""`imm-kernels sample`: few-step samples of a checkpoint as one PNG (CUDA-graph replay on a GPU)."""
+"""`imm-kernels sample`: few-step samples of a checkpoint as one PNG (CUDA-graph replay on a GPU).
+
+The checkpoint is a training run (or its checkpoint folder), a model folder written by
+`imm-kernels convert`, or a released IMM checkpoint file (.pkl/.pt, read without executing it).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,40 @@ import torch
 
 from ..sampling import GRID_KINDS, SAMPLERS, GraphedSampler, time_grid
 from ..train.trainer import DEVICE_CHOICES
-from .common import SETUP_ERRORS, fail, parse_step_counts
+from .common import SETUP_ERRORS, comma_separated_labels, fail, parse_override, parse_step_counts
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("sample", help="few-step samples of a checkpoint as one PNG, a row per step count")
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint folder")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="run directory or checkpoint folder, a model folder (imm-kernels convert), or an official IMM .pkl/.pt",
+    )
+    parser.add_argument("--key", default="ema", help="official checkpoints: the entry to load (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=parse_override,
+        default=[],
+        metavar="NAME=VALUE",
+        help="official checkpoints: replace an IMMPrecond argument, e.g. temb_type=identity (repeatable)",
+    )
+    parser.add_argument(
+        "--labels",
+        type=comma_separated_labels,
+        default=None,
+        metavar="L[,L...]",
+        help="class labels, repeated over the batch (conditional models; default: 0, 1, 2, ...)",
+    )
+    parser.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="decode latent samples to pixels with the Stable Diffusion VAE saved in DIR (needs imm-kernels[vae])",
+    )
     parser.add_argument(
         "--steps",
         type=parse_step_counts,
@@ -49,7 +81,9 @@ def add_parser(commands) -> None:
         "--device", choices=DEVICE_CHOICES, default="auto", help="auto: CUDA when available (default: %(default)s)"
     )
     parser.add_argument(
-        "--out", required=True, help="PNG to write (a .npy array for vector data other than 2-D points)"
+        "--out",
+        required=True,
+        help="PNG to write, or .npy for the raw samples (array (step counts, batch, *shape))",
     )
     parser.set_defaults(run=run)
 
@@ -85,18 +119,47 @@ def _side_by_side(panels: list[Path], out: Path) -> Path:
     return out
 
 
+def _open_model(args):
+    """(net, DataInfo-like description) for any checkpoint kind `--checkpoint` accepts."""
+    from ..model_files import is_model_folder, is_official_checkpoint, load_model
+    from ..official import load_official
+    from ..train.evaluation import load_ema_net
+    from ..train.trainer import DataInfo
+
+    path = Path(args.checkpoint)
+    official = is_official_checkpoint(path)
+    if (args.overrides or args.key != "ema") and not official:
+        raise ValueError("--key and --set apply to official IMM checkpoint files (.pkl/.pt) only")
+    if official or is_model_folder(path):
+        net = load_official(path, key=args.key, overrides=dict(args.overrides)) if official else load_model(path)
+        return net, DataInfo(path.name, "image", tuple(net.sample_shape), net.label_dim)
+    net, _, data_info = load_ema_net(path)
+    return net, data_info
+
+
+def _labels(net, batch: int, given: tuple[int, ...] | None, device) -> torch.Tensor | None:
+    from ..train.sampling_helpers import balanced_labels
+
+    if given is None:
+        return balanced_labels(net, batch)
+    if not net.label_dim:
+        raise ValueError("--labels needs a conditional model (label_dim > 0)")
+    if max(given) >= net.label_dim:
+        raise ValueError(f"--labels must be class indices in [0, {net.label_dim - 1}], got {max(given)}")
+    return torch.tensor(given, device=device).repeat(batch // len(given) + 1)[:batch]
+
+
 def run(args) -> None:
     import tempfile
 
     import numpy as np
 
     from ..train.data import save_image_grid, save_scatter_plot
-    from ..train.evaluation import load_ema_net
-    from ..train.sampling_helpers import SCATTER_EXTENT, balanced_labels, prior_noise
+    from ..train.sampling_helpers import SCATTER_EXTENT, prior_noise
 
     out = Path(args.out)
     try:
-        net, config, data_info = load_ema_net(args.checkpoint)
+        net, data_info = _open_model(args)
         if args.cfg_scale is not None and not net.label_dim:
             raise ValueError("--cfg-scale needs a conditional checkpoint (trained with --conditional)")
         if args.mid_eta is not None and (args.grid != "eta" or len(args.steps) != 1):
@@ -109,14 +172,29 @@ def run(args) -> None:
             raise ValueError(f"--batch must be >= 1, got {batch}")
         if data_info.kind == "vector" and not is_points and out.suffix != ".npy":
             raise ValueError(f"--out must end in .npy for {data_info.shape} vectors (an array of samples), got {out}")
-        grids = {n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=config.schedule) for n in args.steps}
+        is_latent = data_info.kind == "image" and data_info.shape[0] not in (1, 3)
+        if is_latent and out.suffix != ".npy" and args.vae is None:
+            raise ValueError(
+                f"samples of shape {data_info.shape} are latents: give --vae DIR to decode them to a PNG, "
+                "or --out X.npy for the raw latents"
+            )
+        grids = {
+            n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=net.schedule.name) for n in args.steps
+        }
         device = _sample_device(args.device)
+        decoder = None
+        if args.vae is not None and out.suffix != ".npy":
+            if not is_latent:
+                raise ValueError("--vae decodes 4-channel latents; this model samples pixels")
+            from ..vae import LatentDecoder
+
+            decoder = LatentDecoder.from_pretrained(args.vae, device=device)
+        net = net.to(device)
+        labels = _labels(net, batch, args.labels, device)
     except SETUP_ERRORS as err:
         fail("sample", err)
 
-    net = net.to(device)
     noise = prior_noise(net, batch, data_info.shape, args.seed)
-    labels = balanced_labels(net, batch)
     rows = []
     for grid in grids.values():
         sampler = GraphedSampler(net, batch, grid, args.cfg_scale, sampler=args.sampler, sample_shape=data_info.shape)
@@ -128,20 +206,20 @@ def run(args) -> None:
         f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, torch.stack(rows).numpy())
+        print(f"samples: {out} (array (step counts, batch, *shape))")
+        return
+    if decoder is not None:
+        rows = [decoder.decode(row.to(device)).cpu().float() / 127.5 - 1 for row in rows]
     if data_info.kind == "image":
         save_image_grid(torch.cat(rows), out, nrow=batch)
-    elif is_points:
+    else:
         with tempfile.TemporaryDirectory() as tmp:
             panels = [
                 save_scatter_plot(points, Path(tmp) / f"{n}.png", extent=SCATTER_EXTENT)
                 for n, points in zip(grids, rows)
             ]
             _side_by_side(panels, out)
-    else:
-        np.save(out, torch.stack(rows).numpy())
-    layout = (
-        "one row per step count"
-        if data_info.kind == "image"
-        else ("one panel per step count, left to right" if is_points else "array (step counts, batch, *shape)")
-    )
+    layout = "one row per step count" if data_info.kind == "image" else "one panel per step count, left to right"
     print(f"samples: {out} ({layout})")

@@ -116,9 +116,13 @@ def kernel_time_ms(call: Callable[[], Tensor]) -> float:
 
 # The models timed by `imm-kernels bench-sampling` and benchmarks/bench_sampling.py.
 
-BENCH_MODELS = ("tiny", "dit-s2", "dit-xl2")
+BENCH_MODELS = ("tiny", "dit-s2", "dit-xl2", "songunet-cifar10")
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 _DIT_CONFIGS = {"dit-s2": "DiT_S_2", "dit-xl2": "DiT_XL_2"}
+# The released IMM CIFAR-10 model's SongUNet arguments (lumalabs/imm configs/cifar10_generate_images.yaml).
+SONGUNET_CIFAR10 = dict(
+    model_channels=128, channel_mult=(2, 2, 2), resample_filter=(1, 1), dropout=0.2, embedding_type="positional"
+)
 
 
 class _CastInput(nn.Module):
@@ -137,7 +141,8 @@ def bench_net(model: str, device: torch.device | str, precision: str | None = No
     """(net, sample_shape): a conditional Preconditioner with random weights, in eval mode on device.
 
     model: "tiny", a small conv backbone on 8×8 images (10 classes), quick on a CPU; "dit-s2" or
-    "dit-xl2", DiT-S/2 or DiT-XL/2 on 32×32×4 latents (num_classes classes).
+    "dit-xl2", DiT-S/2 or DiT-XL/2 on 32×32×4 latents (num_classes classes); "songunet-cifar10",
+    the released IMM CIFAR-10 U-Net's configuration (unconditional, 3×32×32 pixels).
     precision: "fp32"; "bf16", weights stored in bf16; "bf16-autocast", float32 weights under
     bf16 autocast (the training setting). None: bf16 for a DiT on CUDA, fp32 otherwise.
     """
@@ -155,6 +160,11 @@ def bench_net(model: str, device: torch.device | str, precision: str | None = No
 
             backbone = ConvBackbone(1, 8, channels=32, num_blocks=2, label_dim=10)
             sample_shape, label_dim = (1, 8, 8), 10
+        elif model == "songunet-cifar10":
+            from ..models import SongUNet
+
+            backbone = SongUNet(32, 3, **SONGUNET_CIFAR10)
+            sample_shape, label_dim = (3, 32, 32), 0
         else:
             from .. import models  # imported only when a DiT is asked for
 
