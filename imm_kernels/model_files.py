@@ -42,7 +42,8 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / MODEL_CONFIG_FILE).is_file()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def save_model(
         "backbone": {"class": backbone_class, "kwargs": dict(backbone_kwargs)},
         "preconditioner": dict(preconditioner),
         "sample_shape": list(sample_shape),
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         "source": dict(source or {}),
     }
     (partial / MODEL_CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
@@ -121,7 +122,7 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
     weights = directory / MODEL_WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFileError(f"{directory}: {MODEL_WEIGHTS_FILE} is missing")
-    if _sha256(weights) != description["weights_sha256"]:
+    if file_sha256(weights) != description["weights_sha256"]:
         raise ModelFileError(f"{weights}: checksum mismatch, the weights file is corrupt or was replaced")
     backbone_class = description["backbone"]["class"]
     if backbone_class not in BACKBONES:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import copyreg
-import hashlib
 import inspect
 import io
 import os
@@ -420,6 +419,8 @@ def read_official(
     overrides: IMMPrecond arguments to replace, e.g. {"temb_type": "identity"} (the official README
     asks for this override when sampling imagenet256_s_a1.pkl with its ImageNet config).
     """
+    from .model_files import file_sha256
+
     path = Path(path)
     if not isinstance(map_location, (str, torch.device)):
         raise TypeError(f"map_location must be a device string or torch.device, got {type(map_location).__name__}")
@@ -473,7 +474,9 @@ def read_official(
         eps=float(official["eps"]),
         label_dim=int(label_dim),
         time_scale=float(official["time_scale"]),
-        mixed_precision=official["mixed_precision"],
+        # The official sampler builds its network from the sampling config, without mixed precision, and
+        # copies the weights in: float32 unless asked for. (The file's training-time value is in official_kwargs.)
+        mixed_precision=(overrides or {}).get("mixed_precision"),
     )
     return OfficialModel(
         backbone_class,
@@ -483,7 +486,7 @@ def read_official(
         module_state_dict(model_record),
         official_kwargs=official,
         ignored_kwargs=ignored,
-        source={"file": path.name, "key": key, "sha256": _sha256(path)},
+        source={"file": path.name, "key": key, "sha256": file_sha256(path)},
     )
 
 
@@ -503,17 +506,11 @@ def load_official(
         overrides: IMMPrecond arguments to replace (see `read_official`).
 
     The settings come from the file: schedule (noise_schedule), param (f_type), time_embed
-    (temb_type), time_scale, sigma_data, eps, T, label_dim, mixed_precision, and the sample shape
-    (img_channels, img_resolution, img_resolution) as `net.sample_shape`. Errors: FileNotFoundError,
+    (temb_type), time_scale, sigma_data, eps, T, label_dim, and the sample shape
+    (img_channels, img_resolution, img_resolution) as `net.sample_shape`. The network runs in
+    float32, as the official sampler runs it (whatever mixed precision the file recorded for
+    training); overrides={"mixed_precision": "bf16"} autocasts it. Errors: FileNotFoundError,
     `OfficialCheckpointError` (a ValueError) for anything wrong inside the file.
     """
     net = read_official(path, key=key, map_location="cpu", overrides=overrides).build()
     return net.to(map_location)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

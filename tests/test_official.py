@@ -179,7 +179,10 @@ def test_settings_come_from_the_file(tmp_path):
     net = load_official(path)
     assert (net.schedule.name, net.param, net.time_embed) == ("vp_cosine", "simple_edm", "stride")
     assert (net.sigma_data, net.T, net.eps, net.time_scale) == (0.7, 0.9, 0.01, 500.0)
-    assert (net.mixed_precision, net.label_dim, net.sample_shape) == ("bf16", 5, (3, 8, 8))
+    # float32 as the official sampler runs it, whatever the file recorded for training
+    assert (net.mixed_precision, net.label_dim, net.sample_shape) == (None, 5, (3, 8, 8))
+    assert read_official(path).official_kwargs["mixed_precision"] == "bf16"
+    assert load_official(path, overrides={"mixed_precision": "bf16"}).mixed_precision == "bf16"
     official = read_official(path)
     assert official.backbone_class == "DiT" and official.backbone_kwargs["num_classes"] == 5
     assert official.source["file"] == "net.pkl" and len(official.source["sha256"]) == 64

@@ -55,3 +55,17 @@ def parse_override(text: str) -> tuple[str, object]:
         return name, json.loads(raw)
     except json.JSONDecodeError:
         return name, raw
+
+
+def add_official_options(parser: argparse.ArgumentParser) -> None:
+    """--key and --set: which entry of an official IMM checkpoint to read, and IMMPrecond arguments to replace."""
+    parser.add_argument("--key", default="ema", help="official checkpoints: the entry to load (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=parse_override,
+        default=[],
+        metavar="NAME=VALUE",
+        help="official checkpoints: replace an IMMPrecond argument, e.g. temb_type=identity (repeatable)",
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import SETUP_ERRORS, fail, parse_override
+from .common import SETUP_ERRORS, add_official_options, fail
 
 
 def add_parser(commands) -> None:
@@ -14,16 +14,7 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("checkpoint", metavar="OFFICIAL", help="the official .pkl (or torch.save .pt) file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write")
-    parser.add_argument("--key", default="ema", help="the entry to convert (default: %(default)s)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="NAME=VALUE",
-        help="replace an IMMPrecond argument, e.g. temb_type=identity (repeatable)",
-    )
+    add_official_options(parser)
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.set_defaults(run=run)
 

@@ -13,7 +13,7 @@ import torch
 
 from ..sampling import GRID_KINDS, SAMPLERS, GraphedSampler, time_grid
 from ..train.trainer import DEVICE_CHOICES
-from .common import SETUP_ERRORS, comma_separated_labels, fail, parse_override, parse_step_counts
+from .common import SETUP_ERRORS, add_official_options, comma_separated_labels, fail, parse_step_counts
 
 
 def add_parser(commands) -> None:
@@ -24,16 +24,7 @@ def add_parser(commands) -> None:
         metavar="PATH",
         help="run directory or checkpoint folder, a model folder (imm-kernels convert), or an official IMM .pkl/.pt",
     )
-    parser.add_argument("--key", default="ema", help="official checkpoints: the entry to load (default: %(default)s)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="NAME=VALUE",
-        help="official checkpoints: replace an IMMPrecond argument, e.g. temb_type=identity (repeatable)",
-    )
+    add_official_options(parser)
     parser.add_argument(
         "--labels",
         type=comma_separated_labels,
