@@ -10,6 +10,11 @@
     imm-kernels report    backends available here, their accuracy against float64,
                           and forward+backward timings against the eager reference
 
+Bad input (a value out of range, a corrupt data file, a path that cannot be written) ends a command
+with one line, `imm-kernels COMMAND: error: ...`, and exit status 2. `imm-kernels --debug COMMAND ...`
+(or the environment variable IMM_KERNELS_DEBUG=1) prints that error's traceback above the line.
+Anything else, a bug, ends with its traceback as always.
+
 Each subcommand is one module here: `add_parser` declares its options, `run` carries it out.
 The heavy imports (training, evaluation, plotting) wait until a command runs.
 """
@@ -17,8 +22,11 @@ The heavy imports (training, evaluation, plotting) wait until a command runs.
 from __future__ import annotations
 
 import argparse
+import os
 
-from . import bench_sampling, convert, demo, evaluate, report, sample, train
+from . import bench_sampling, common, convert, demo, evaluate, report, sample, train
+
+DEBUG_VARIABLE = "IMM_KERNELS_DEBUG"
 
 # In the order `imm-kernels --help` lists them.
 COMMANDS = (demo, train, evaluate, sample, convert, bench_sampling, report)
@@ -26,6 +34,11 @@ COMMANDS = (demo, train, evaluate, sample, convert, bench_sampling, report)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imm-kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on a bad-input error, print its traceback above the one-line message (or set {DEBUG_VARIABLE}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(commands)
@@ -34,4 +47,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    common.show_tracebacks(args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"))
     args.run(args)

@@ -16,9 +16,9 @@ from ..sampling.latency import (
     sampling_inputs,
     sampling_providers,
 )
-from .common import SETUP_ERRORS, comma_separated_counts, fail, parse_step_counts
+from .common import MAX_SAMPLES, SETUP_ERRORS, comma_separated_counts, fail, finite_float, parse_step_counts
 
-parse_batch_sizes = comma_separated_counts("batch sizes", "1,4,16")
+parse_batch_sizes = comma_separated_counts("batch sizes", "1,4,16", MAX_SAMPLES)
 
 
 def add_parser(commands) -> None:
@@ -38,7 +38,9 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--batch", type=parse_batch_sizes, default=None, help="comma-separated batch sizes")
     parser.add_argument("--steps", type=parse_step_counts, default=None, help="comma-separated step counts")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="the guided rows' scale (default: %(default)s)")
+    parser.add_argument(
+        "--cfg-scale", type=finite_float, default=1.5, help="the guided rows' scale (default: %(default)s)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (median)")
     parser.add_argument(
         "--compile",

@@ -7,15 +7,19 @@ from pathlib import Path
 
 import torch
 
-from .common import SETUP_ERRORS, fail
+from .common import SETUP_ERRORS, check_output_folder, fail, seed
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("demo", help="train on 8x8 digits, write samples and print the metric table")
-    parser.add_argument("--out", default="imm-kernels-demo", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="imm-kernels-demo",
+        help="output folder; a previous demo's files in it are replaced (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, help="training steps (default: the train default)")
     parser.add_argument("--batch", type=int, help="batch size (default: the train default)")
-    parser.add_argument("--seed", type=int, help="seed of init, data order and draws (default: 0)")
+    parser.add_argument("--seed", type=seed, help="seed of init, data order and draws, 0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--group-size", type=int, default=4, help="M, particles per group (default: %(default)s)")
     parser.add_argument(
         "--compare-m1",
@@ -38,6 +42,7 @@ def run(args) -> None:
     group_sizes = (args.group_size, 1) if args.compare_m1 else (args.group_size,)
     overrides = {name: getattr(args, name) for name in ("steps", "batch", "seed") if getattr(args, name) is not None}
     try:
+        check_output_folder("--out", out, force=True)  # the demo's own folder: rewritten on every run
         configs = {m: TrainConfig(group_size=m, **overrides) for m in group_sizes}
         train_size = len(load_dataset("digits", split="train"))
         if not 2 <= args.num_samples <= train_size:  # checked now, not after minutes of training

@@ -11,6 +11,7 @@ from ..ops.backends import MMD_AUTO, backends, choose_backend
 from ..ops.mmd import mmd_loss
 from ..ops.reference import mmd_loss_reference
 from ..sampling.latency import interleaved_medians_ms
+from .common import fail
 
 
 def add_parser(commands) -> None:
@@ -48,6 +49,8 @@ def _accuracy_row(backend, device) -> str:
 
 
 def run(args) -> None:
+    if args.repeats < 1:
+        fail("report", ValueError(f"--repeats must be >= 1, got {args.repeats}"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     triton_version = "not installed"
     if importlib.util.find_spec("triton") is not None:

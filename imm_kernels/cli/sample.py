@@ -7,13 +7,32 @@ The checkpoint is a training run (or its checkpoint folder), a model folder writ
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from ..sampling import GRID_KINDS, SAMPLERS, GraphedSampler, time_grid
 from ..train.trainer import DEVICE_CHOICES
-from .common import SETUP_ERRORS, add_official_options, comma_separated_labels, fail, parse_step_counts
+from .common import (
+    ACTIVATION_COPIES,
+    MAX_SAMPLES,
+    MAX_SAMPLING_STEPS,
+    SETUP_ERRORS,
+    add_official_options,
+    check_count,
+    check_output_file,
+    check_sampling_memory,
+    comma_separated_labels,
+    fail,
+    finite_float,
+    parse_step_counts,
+    sampling_parts,
+    seed,
+    widest_output_bytes,
+)
+
+OUT_SUFFIXES = (".png", ".npy")
 
 
 def add_parser(commands) -> None:
@@ -42,16 +61,20 @@ def add_parser(commands) -> None:
         "--steps",
         type=parse_step_counts,
         default=(1, 2, 4, 8),
-        help="comma-separated step counts, one row each, same noise (default: 1,2,4,8)",
+        help=f"comma-separated step counts, one row each, same noise, at most {MAX_SAMPLING_STEPS} (default: 1,2,4,8)",
     )
     parser.add_argument(
         "--cfg-scale",
-        type=float,
+        type=finite_float,
         default=None,
         help="classifier-free guidance scale (conditional checkpoints; default: no guidance)",
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="samples per step count (default: 16 images, 1000 points for 2-D data)"
+        "--batch",
+        type=int,
+        default=None,
+        help=f"samples per step count, at most {MAX_SAMPLES} and what the memory estimate allows "
+        "(default: 16 images, 1000 points for 2-D data)",
     )
     parser.add_argument("--sampler", choices=SAMPLERS, default="pushforward", help="(default: %(default)s)")
     parser.add_argument(
@@ -67,23 +90,28 @@ def add_parser(commands) -> None:
         metavar="ETA[,ETA...]",
         help="intermediate eta values for --grid eta, e.g. 1.4 for 2 steps",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the prior draws, 0 to 2**32 - 1 (default: 0)")
     parser.add_argument(
         "--device", choices=DEVICE_CHOICES, default="auto", help="auto: CUDA when available (default: %(default)s)"
     )
     parser.add_argument(
         "--out",
         required=True,
-        help="PNG to write, or .npy for the raw samples (array (step counts, batch, *shape))",
+        help="PNG to write, or .npy for the raw samples (array (step counts, batch, *shape)); its folder is made "
+        "if needed",
     )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.set_defaults(run=run)
 
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(","))
+        values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1.4 or 10,1.4, got {text!r}") from None
+        values = (math.nan,)
+    if not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers like 1.4 or 10,1.4, got {text!r}")
+    return values
 
 
 def _sample_device(name: str) -> torch.device:
@@ -137,7 +165,42 @@ def _labels(net, batch: int, given: tuple[int, ...] | None, device) -> torch.Ten
         raise ValueError("--labels needs a conditional model (label_dim > 0)")
     if max(given) >= net.label_dim:
         raise ValueError(f"--labels must be class indices in [0, {net.label_dim - 1}], got {max(given)}")
+    if len(given) > batch:
+        raise ValueError(
+            f"--labels gives {len(given)} labels for a batch of {batch}; give --batch {len(given)} or more"
+        )
     return torch.tensor(given, device=device).repeat(batch // len(given) + 1)[:batch]
+
+
+def _memory_parts(args, net, data_info, batch: int, device, decoder, writes_array: bool):
+    """(device parts, host parts) of the call's memory estimate; see common.sampling_parts."""
+    from ..train.data import grid_upscale
+
+    step_counts = tuple(sorted(set(args.steps)))
+    device_parts = sampling_parts(
+        net,
+        batch,
+        data_info.shape,
+        step_counts,
+        guided=args.cfg_scale is not None,
+        restart=args.sampler == "restart",
+        graphed=device.type == "cuda",
+    )
+    shape = data_info.shape
+    if decoder is not None:  # it decodes decoder.batch_size latents at a time
+        decoded = []
+        probe = torch.zeros(1, *shape, device=device)
+        widest = widest_output_bytes(decoder.vae, lambda: decoded.append(decoder.decode(probe)))
+        shape = tuple(decoded[0].shape[1:])  # the pixels' shape
+        device_parts["decoding"] = ACTIVATION_COPIES * widest * min(batch, decoder.batch_size)
+    rows = len(step_counts)
+    host_parts = {"results": rows * batch * math.prod(data_info.shape) * 4}
+    if data_info.kind == "image" and not writes_array:  # save_image_grid's float copy and upscaled pixels
+        channels, height, width = shape
+        upscale = grid_upscale(height, width)
+        cell = channels * (height * upscale + 2) * (width * upscale + 2)
+        host_parts["png"] = rows * batch * (4 * math.prod(shape) + 2 * cell)
+    return device_parts, host_parts
 
 
 def run(args) -> None:
@@ -149,7 +212,10 @@ def run(args) -> None:
     from ..train.sampling_helpers import SCATTER_EXTENT, prior_noise
 
     out = Path(args.out)
+    writes_array = out.suffix.lower() == ".npy"
     try:
+        if args.batch is not None:  # before the checkpoint loads
+            check_count("--batch", args.batch)
         net, data_info = _open_model(args)
         if args.cfg_scale is not None and not net.label_dim:
             raise ValueError("--cfg-scale needs a conditional checkpoint (trained with --conditional)")
@@ -158,13 +224,11 @@ def run(args) -> None:
         if args.grid == "eta" and args.mid_eta is None:
             raise ValueError("--grid eta needs --mid-eta (the steps - 1 intermediate eta values)")
         is_points = data_info.kind == "vector" and data_info.shape == (2,)
-        batch = args.batch if args.batch is not None else (1000 if is_points else 16)
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        if data_info.kind == "vector" and not is_points and out.suffix != ".npy":
+        batch = check_count("--batch", args.batch if args.batch is not None else (1000 if is_points else 16))
+        if data_info.kind == "vector" and not is_points and not writes_array:
             raise ValueError(f"--out must end in .npy for {data_info.shape} vectors (an array of samples), got {out}")
         is_latent = data_info.kind == "image" and data_info.shape[0] not in (1, 3)
-        if is_latent and out.suffix != ".npy" and args.vae is None:
+        if is_latent and not writes_array and args.vae is None:
             raise ValueError(
                 f"samples of shape {data_info.shape} are latents: give --vae DIR to decode them to a PNG, "
                 "or --out X.npy for the raw latents"
@@ -174,7 +238,7 @@ def run(args) -> None:
         }
         device = _sample_device(args.device)
         decoder = None
-        if args.vae is not None and out.suffix != ".npy":
+        if args.vae is not None and not writes_array:
             if not is_latent:
                 raise ValueError("--vae decodes 4-channel latents; this model samples pixels")
             from ..vae import LatentDecoder
@@ -182,23 +246,41 @@ def run(args) -> None:
             decoder = LatentDecoder.from_pretrained(args.vae, device=device)
         net = net.to(device)
         labels = _labels(net, batch, args.labels, device)
+        check_output_file("--out", out, OUT_SUFFIXES, force=args.force)
+        parts = _memory_parts(args, net, data_info, batch, device, decoder, writes_array)
+        check_sampling_memory("--batch", batch, device, *parts)
     except SETUP_ERRORS as err:
         fail("sample", err)
 
     noise = prior_noise(net, batch, data_info.shape, args.seed)
     rows = []
-    for grid in grids.values():
-        sampler = GraphedSampler(net, batch, grid, args.cfg_scale, sampler=args.sampler, sample_shape=data_info.shape)
-        generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # restart's fresh noise
-        rows.append(sampler(noise, labels, generator=generator).float().cpu())
+    try:
+        for grid in grids.values():
+            sampler = GraphedSampler(
+                net, batch, grid, args.cfg_scale, sampler=args.sampler, sample_shape=data_info.shape
+            )
+            generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # restart's fresh noise
+            rows.append(sampler(noise, labels, generator=generator).float().cpu())
+            del sampler  # its CUDA graph's memory goes before the next one is captured
+    except torch.cuda.OutOfMemoryError as err:  # the estimate is rough; its first two sentences say how much
+        reason = ". ".join(" ".join(str(err).split()).split(". ")[:2])
+        fail("sample", err, f"out of GPU memory at --batch {batch} ({reason}); use a smaller --batch")
+    non_finite = sum(int((~torch.isfinite(row)).sum()) for row in rows)
+    if non_finite:
+        message = (
+            f"{non_finite} of {len(rows) * rows[0].numel()} sampled values are NaN or infinite, so nothing was "
+            "written: the checkpoint may be broken, or --cfg-scale too large"
+        )
+        fail("sample", ValueError(message))
     mode = "CUDA graph" if device.type == "cuda" else "eager, CPU"
     print(
         f"sampled {batch} x steps {','.join(map(str, grids))} ({args.sampler}, {args.grid} grid, "
         f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, torch.stack(rows).numpy())
+    if writes_array:
+        with open(out, "wb") as file:  # np.save would add .npy to a name ending in .NPY
+            np.save(file, torch.stack(rows).numpy())
         print(f"samples: {out} (array (step counts, batch, *shape))")
         return
     if decoder is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
 import torch
 
@@ -10,17 +12,59 @@ from ..ops.backends import BACKEND_NAMES
 from ..precond import PARAMS, TIME_EMBEDS
 from ..schedules import SCHEDULE_NAMES
 from ..train.data import ARRAY_SUFFIXES, BUILTIN_DATASETS
-from ..train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES, RESUMABLE_FIELDS, TrainConfig, Trainer
+from ..train.trainer import (
+    DEVICE_CHOICES,
+    DIST_TIMEOUT_S,
+    MIXED_PRECISION_CHOICES,
+    ON_NAN_CHOICES,
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    find_checkpoint,
+    load_run_config,
+)
 from .common import SETUP_ERRORS, fail
 
 # The parsed arguments that are not TrainConfig fields.
-_COMMAND_ARGUMENTS = ("command", "run", "out", "resume")
+_COMMAND_ARGUMENTS = (
+    "command",
+    "run",
+    "out",
+    "resume",
+    "auto_resume",
+    "allow_world_size_change",
+    "dist_timeout",
+    "debug",
+)
+# Exit statuses beyond argparse's 2 (bad input): the run diverged; a peer process was lost.
+EXIT_DIVERGED, EXIT_PEER_LOST = 3, 4
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("train", help="train an IMM model (also under torchrun)")
     parser.add_argument("--out", help="run directory: config.json, log.jsonl, samples/, checkpoint/")
-    parser.add_argument("--resume", metavar="DIR", help="continue this run directory or checkpoint folder")
+    parser.add_argument(
+        "--resume", metavar="DIR", help="continue this run directory (its newest complete checkpoint) or checkpoint"
+    )
+    parser.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="with --out: continue the run already there (its newest complete checkpoint), else start it; "
+        "the command torchrun --max-restarts repeats after a failure",
+    )
+    parser.add_argument(
+        "--allow-world-size-change",
+        action="store_true",
+        help="resume on another number of processes (each rank's data share and draws then change)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DIST_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before failing (default: %(default)s)",
+    )
     _add_train_options(parser)
     parser.set_defaults(run=run)
 
@@ -67,24 +111,45 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     option("--backend", "mmd_loss backend", choices=BACKEND_NAMES)
     option("--mixed-precision", "backbone autocast (auto: bf16 on CUDA)", choices=MIXED_PRECISION_CHOICES)
     option("--device", "auto: CUDA when available", choices=DEVICE_CHOICES)
+    option("--on-nan", "non-finite loss or gradient: stop the run, or skip the batch", choices=ON_NAN_CHOICES)
+    option("--keep", "complete checkpoints kept in OUT/checkpoints (the newest)", type=int)
 
 
 def run(args) -> None:
     options = {name: value for name, value in vars(args).items() if name not in _COMMAND_ARGUMENTS}
     try:
-        if args.resume is not None:
+        resume = args.resume
+        if args.auto_resume:
+            if resume is not None or args.out is None:
+                raise ValueError("--auto-resume goes with --out (not --resume)")
+            resume = args.out if _has_checkpoint(args.out) else None
+            if resume is not None:
+                options = _resumable_options(args.out, options)
+        if resume is not None:
             fixed = sorted(set(options) - set(RESUMABLE_FIELDS))
             if fixed:
                 raise ValueError(
                     f"--resume continues the checkpoint's config; only {', '.join(RESUMABLE_FIELDS)} can change, "
                     f"got {', '.join(fixed)}"
                 )
-            trainer = Trainer.resume(args.resume, args.out, **options)
+            trainer = Trainer.resume(
+                resume,
+                args.out,
+                allow_world_size_change=args.allow_world_size_change,
+                dist_timeout_s=args.dist_timeout,
+                **options,
+            )
         else:
             if args.out is None:
                 raise ValueError("--out is required (the run directory), unless --resume gives one")
-            trainer = Trainer(TrainConfig(**options), args.out)
+            if args.allow_world_size_change:
+                raise ValueError("--allow-world-size-change applies to --resume only")
+            # --auto-resume with no checkpoint yet: whatever a run left before its first checkpoint is started over
+            trainer = Trainer(
+                TrainConfig(**options), args.out, dist_timeout_s=args.dist_timeout, overwrite=args.auto_resume
+            )
     except SETUP_ERRORS as err:
+        _leave_process_group()
         fail("train", err)
     try:
         if trainer.process.is_main:
@@ -95,10 +160,71 @@ def run(args) -> None:
             )
         summary = trainer.train()
         if trainer.process.is_main:
+            skipped = f", {summary['skipped_steps']} non-finite batches skipped" if summary["skipped_steps"] else ""
+            loss = f"{summary['loss']:.4g}" if math.isfinite(summary["loss"]) else "n/a (no step logged)"
             print(
-                f"done: step {trainer.step}, loss {summary['loss']:.4g}, {summary['samples_per_s']:.0f} samples/s, "
-                f"{summary['wall_s']:.0f} s; checkpoint in {trainer.out_dir / 'checkpoint'}"
+                f"done: step {trainer.step}, loss {loss}, {summary['samples_per_s']:.0f} samples/s, "
+                f"{summary['wall_s']:.0f} s{skipped}; checkpoints in {trainer.out_dir / 'checkpoints'}"
             )
+    except TrainingDiverged as err:
+        _stop("train", err, EXIT_DIVERGED)
+    except RuntimeError as err:
+        if not _is_peer_failure(err):
+            raise
+        _stop(
+            "train",
+            f"rank {trainer.process.rank} lost contact with the other processes ({_first_line(err)}): one stopped "
+            f"or crashed, or took longer than --dist-timeout {args.dist_timeout:g} s. The last complete checkpoint "
+            f"in {trainer.out_dir} is kept; `imm-kernels train --resume {trainer.out_dir}` continues from it (under "
+            "torchrun --max-restarts=N, `train --out ... --auto-resume` does that by itself).",
+            EXIT_PEER_LOST,
+        )
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _leave_process_group()
+
+
+def _has_checkpoint(out: str) -> bool:
+    try:
+        find_checkpoint(out)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _resumable_options(out: str, options: dict) -> dict:
+    """The options that may change on resume; the others must equal the run's saved config (auto-resume
+    repeats the original command line, so they normally do)."""
+    saved = load_run_config(out)[0]
+    differing = [
+        f"--{name.replace('_', '-')} {value!r} (the run has {getattr(saved, name)!r})"
+        for name, value in options.items()
+        if name not in RESUMABLE_FIELDS and getattr(saved, name) != value
+    ]
+    if differing:
+        raise ValueError(f"--auto-resume: {', '.join(differing)} differ from the run in {out}")
+    return {name: value for name, value in options.items() if name in RESUMABLE_FIELDS}
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone (gloo/NCCL errors, timeouts), in a distributed run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(err).lower()
+    return isinstance(err, dist_error) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
+
+
+def _stop(command: str, message, status: int) -> None:
+    print(f"imm-kernels {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(status)

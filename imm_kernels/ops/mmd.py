@@ -21,6 +21,11 @@ rewrites, in place, only the groups whose gradient differs): no host sync; CPU
 backends test on the host, which costs nothing there. The path also applies the
 reduction itself, which saves an autograd node per call. Eager mode only; under
 torch.compile the plain ops are used.
+
+Second-order gradients: the kernels' gradients are plain numbers, with no graph to
+differentiate again. A backward that must build one (`create_graph=True`, the only time
+autograd runs a backward with grad mode on) computes the gradients through the PyTorch
+reference instead; every other backward is the kernels' alone.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
-from ..validation import check_choice
+from ..validation import check_choice, check_finite
 from .backends import BACKEND_NAMES, CUDA, MMD_AUTO, NATIVE, TRITON, Backend, choose_backend
 from .reference import grouped_mmd_reference
 from .utils import FLOAT_DTYPES, as_per_group, as_rows, compute_dtype, reduce_groups
@@ -81,10 +86,10 @@ def mmd_loss(
 
 
 def _check_per_group(value, name: str, num_groups: int, device: torch.device, *, non_negative: bool) -> None:
-    """A float, or a floating 0-dim / (G,) tensor on x's device.
+    """A finite float (>= 0 if non_negative), or a floating 0-dim / (G,) tensor on x's device.
 
-    Only Python numbers have their sign checked: reading a tensor's values would
-    sync with the device (and break CUDA-graph capture).
+    Only Python numbers have their values checked: reading a tensor's values would
+    sync with the device (and break CUDA-graph capture); NaN in a tensor gives NaN.
     """
     if isinstance(value, Tensor):
         if not value.is_floating_point():
@@ -97,8 +102,7 @@ def _check_per_group(value, name: str, num_groups: int, device: torch.device, *,
                 f"got shape {tuple(value.shape)}"
             )
     elif isinstance(value, Real) and not isinstance(value, bool):
-        if non_negative and value < 0:
-            raise ValueError(f"{name} must be non-negative, got {value}")
+        check_finite(name, value, nonnegative=non_negative)
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
@@ -128,8 +132,7 @@ def _check_mmd_args(x, y, group_size, bandwidth, weight, eps, reduction, backend
     _check_per_group(bandwidth, "bandwidth", num_groups, x.device, non_negative=True)
     if weight is not None:
         _check_per_group(weight, "weight", num_groups, x.device, non_negative=False)
-    if not isinstance(eps, Real) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_finite("eps", eps, nonnegative=True)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKEND_NAMES)
     return num_groups
@@ -151,6 +154,19 @@ def _per_group_grad(grad_out: Tensor, num_groups: int, reduction: str) -> Tensor
 def _flat(grad: Tensor) -> Tensor:
     """A gradient as (B, D) rows (it is contiguous); an empty tensor stays empty."""
     return grad.view(grad.shape[0], -1) if grad.numel() else grad
+
+
+def _graph_building_grads(ctx, grad_out, reduction, x, y, bandwidth, weight):
+    """The gradients of (x, y, bandwidth, weight) through the differentiable PyTorch reference,
+    for a backward under create_graph=True: they carry the graph of a second differentiation.
+
+    Each argument gets its own view, hence only its own gradient (one tensor may fill two).
+    """
+    needs = ctx.needs_input_grad[:4]
+    own = [t.view_as(t) for t in (x, y, bandwidth, weight)]
+    loss = reduce_groups(grouped_mmd_reference(*own[:2], ctx.group_size, *own[2:], ctx.eps), reduction)
+    grads = iter(torch.autograd.grad(loss, [t for t, need in zip(own, needs) if need], grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _input_grads(ctx, grad_loss, dx, dy, weight, mmd2, dmmd_db):
@@ -244,6 +260,9 @@ class FusedMMD:
         ctx.group_size, ctx.eps = group_size, eps
 
     def _backward(self, ctx, grad_loss, *_grads_of_saved_outputs):
+        if torch.is_grad_enabled():  # create_graph=True
+            x, y, _, bandwidth, weight, *_ = ctx.saved_tensors
+            return (*_graph_building_grads(ctx, grad_loss, "none", x, y, bandwidth, weight), None, None)
         return (*self.recomputed_grads(ctx, grad_loss, *ctx.saved_tensors), None, None)
 
     def recomputed_grads(self, ctx, grad_loss, x, y, sqdist, bandwidth, weight, mmd2, dmmd_db):
@@ -287,6 +306,9 @@ class _MMDWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, y, sqdist, bandwidth, weight, mmd2, dmmd_db, dx, dy = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _graph_building_grads(ctx, grad_out, ctx.reduction, x, y, bandwidth, weight)
+            return (*grads, None, None, None, None)
         num_groups = bandwidth.shape[0]
         fused = ctx.fused
         refresh_grad = fused.backend.mmd.refresh_grad

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +35,27 @@ BUILTIN_DATASETS = ("digits", "toy2d", *TOY2D_KINDS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy", ".npz")
 HELD_OUT_EVERY = 5
+# The largest side of a training image read from a folder: the pixel-space models here train on
+# images up to 64×64 (ImageNet is trained as 32×32 latents), and every image is held in memory as
+# float32, 12 MB for one 1024×1024 RGB image.
+MAX_IMAGE_SIDE = 1024
+# Class indices must be below this. The model's label table and each one-hot batch grow with the
+# class count (a label of 2**45 once asked for 256 TB); the largest common label set, ImageNet-21k,
+# has 21841 classes.
+MAX_NUM_CLASSES = 100_000
 
 _GRAYSCALE_MODES = ("1", "L", "LA")
+# What decoding a truncated or corrupt image can raise (UnidentifiedImageError is an OSError).
+_IMAGE_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+# What reading a truncated or corrupt .npy/.npz can raise (numpy's format reader, zipfile, zlib).
+_ARRAY_FILE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 # 8 Gaussians: noise std relative to the circle's radius (as in FFJORD's toy).
 _EIGHT_GAUSSIANS_NOISE = 0.125
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used; the message names the file and what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,10 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
     split: "train", "test" (every fifth sample, held out) or "all".
     seed: draws the toy2d samples; the split of finite data does not depend on it.
     options: toy2d takes toy= and num_samples= (before the split, default 10000).
+
+    A data file that cannot be used (truncated or corrupt, pickled objects, NaN or infinite values,
+    a shape or labels that do not fit, images of mixed sizes, larger than MAX_IMAGE_SIDE, with
+    transparency) raises DataFileError, a ValueError whose message names the file and the fault.
     """
     check_choice("split", split, SPLITS)
     name = os.fspath(name_or_path)
@@ -155,8 +180,6 @@ def _sample_toy2d(*, seed: int, toy: str = "checkerboard", num_samples: int = 10
 
 def _load_image_folder(root: Path) -> Dataset:
     """Images of one size; labelled by top-level subfolder when every image is in one."""
-    from PIL import Image, UnidentifiedImageError
-
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images found in this folder or its subfolders")
@@ -170,17 +193,11 @@ def _load_image_folder(root: Path) -> Dataset:
 
     pixels, first = [], None
     for path in files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path}: unreadable image ({err})") from err
-        if image.mode.startswith(("I", "F")):
-            raise ValueError(f"{path}: {image.mode} images (16-bit or float) are not supported; save as 8-bit")
+        image = _read_image(path)
         if first is None:
             first = (path, image.size)
         elif image.size != first[1]:
-            raise ValueError(
+            raise DataFileError(
                 f"{root}: images differ in size: {first[0].name} is {first[1][0]}×{first[1][1]} but "
                 f"{path.name} is {image.size[0]}×{image.size[1]} (width×height); resize them to one size"
             )
@@ -200,56 +217,148 @@ def _load_image_folder(root: Path) -> Dataset:
     return Dataset(x, labels, num_classes, "image", str(root))
 
 
+def _read_image(path: Path):
+    """One decoded image file (a PIL image) or a DataFileError naming the file.
+
+    Past Image.MAX_IMAGE_PIXELS PIL warns that the file could be a decompression bomb, and past twice
+    that it refuses; both are errors here, as are images larger than MAX_IMAGE_SIDE (checked from the
+    header, before decoding), animations, 16-bit and float images and transparent pixels.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            with image:
+                width, height = image.size
+                if max(width, height) > MAX_IMAGE_SIDE:
+                    raise DataFileError(
+                        f"{path}: image is {width}×{height}; training images may be at most {MAX_IMAGE_SIDE} "
+                        "pixels on a side: resize them"
+                    )
+                # A camera JPEG's extra MPO frames (previews, depth) are no animation: its first frame is the photo.
+                if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+                    raise DataFileError(f"{path}: an animation of {image.n_frames} frames; save one frame per file")
+                image.load()
+    except DataFileError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataFileError(f"{path}: too many pixels to decode safely ({err})") from err
+    except _IMAGE_FILE_ERRORS as err:
+        raise DataFileError(f"{path}: unreadable image ({err})") from err
+    if image.mode.startswith(("I", "F")):
+        raise DataFileError(f"{path}: {image.mode} images (16-bit or float) are not supported; save as 8-bit")
+    if "A" in image.getbands() or "transparency" in image.info:
+        lowest_alpha, _ = image.convert("RGBA").getchannel("A").getextrema()
+        if lowest_alpha < 255:
+            raise DataFileError(
+                f"{path}: has transparent pixels, which training would see as their hidden colour; "
+                "flatten the image onto a background"
+            )
+    return image
+
+
 def _load_array_file(path: Path) -> Dataset:
     """(N, D) vectors or (N, C, H, W) images/latents.
 
     uint8 arrays are taken as 0..255 pixels and scaled to [-1, 1]; other numbers are
     used as they are (latents come already scaled by their VAE's factor).
     """
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable array file ({err})") from err
-    labels = None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.files)
-            data_keys = ["x"] if "x" in keys else [k for k in keys if k != "y"]
-            if len(data_keys) != 1:
-                raise ValueError(f"{path}: expected a key 'x' or exactly one array (besides 'y'), got keys {keys}")
-            array = loaded[data_keys[0]]
-            if "y" in keys:
-                labels = loaded["y"]
-    else:
-        array = loaded
-
+    array, labels = _read_array_file(path)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{path}: array has dtype {array.dtype}; expected real numbers (float or integer)")
+        raise DataFileError(f"{path}: array has dtype {array.dtype}; expected real numbers (float or integer)")
     if array.ndim not in (2, 4):
-        raise ValueError(
+        raise DataFileError(
             f"{path}: array has shape {array.shape}; expected (N, D) vectors or (N, C, H, W) images "
             "(add a channel axis to (N, H, W) images)"
         )
     if array.shape[0] == 0 or array[0].size == 0:
-        raise ValueError(f"{path}: array of shape {array.shape} is empty")
+        raise DataFileError(f"{path}: array of shape {array.shape} is empty")
     if array.dtype == np.uint8:
         x = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
     else:
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, reported just below
+            x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not torch.isfinite(x).all():
-        raise ValueError(f"{path}: array contains NaN or infinite values (or values beyond float32)")
+        raise DataFileError(f"{path}: array contains NaN or infinite values (or values beyond float32)")
 
     num_classes = 0
     if labels is not None:
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{path}: labels 'y' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+            raise DataFileError(f"{path}: labels 'y' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
         if labels.shape[0] != array.shape[0]:
-            raise ValueError(f"{path}: labels 'y' has {labels.shape[0]} entries but the data has {array.shape[0]} rows")
+            raise DataFileError(
+                f"{path}: labels 'y' has {labels.shape[0]} entries but the data has {array.shape[0]} rows"
+            )
         if labels.min() < 0:
-            raise ValueError(f"{path}: labels 'y' must be >= 0, got min {labels.min()}")
+            raise DataFileError(f"{path}: labels 'y' must be >= 0, got min {labels.min()}")
+        if labels.max() >= MAX_NUM_CLASSES:
+            raise DataFileError(
+                f"{path}: labels 'y' go up to {labels.max()}, but class indices must be below {MAX_NUM_CLASSES} "
+                "(the model's label table grows with the class count); number the classes 0, 1, 2, ..."
+            )
         labels = torch.from_numpy(labels.astype(np.int64))
         num_classes = int(labels.max()) + 1
     return Dataset(x, labels, num_classes, "image" if x.dim() == 4 else "vector", str(path))
+
+
+def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, y or None) from a .npy file or an .npz archive (key "x" or its only array, and "y").
+
+    The content decides which, as for np.load. Nothing is unpickled, and each array's header is
+    checked against the bytes the file holds before any memory is allocated for it.
+    """
+    try:
+        with open(path, "rb") as file:
+            is_archive = file.read(2) == b"PK"  # a zip archive, as np.savez writes
+        if not is_archive:
+            return _read_npy(str(path), lambda: open(path, "rb"), path.stat().st_size), None
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            keys = list(members)
+            data_keys = ["x"] if "x" in keys else [k for k in keys if k != "y"]
+            if len(data_keys) != 1:
+                raise DataFileError(f"{path}: expected a key 'x' or exactly one array (besides 'y'), got keys {keys}")
+
+            def read(key: str) -> np.ndarray:
+                info = members[key]
+                return _read_npy(f"{path}: array {key!r}", lambda: archive.open(info), info.file_size)
+
+            return read(data_keys[0]), read("y") if "y" in members else None
+    except DataFileError:
+        raise
+    except _ARRAY_FILE_ERRORS as err:
+        raise DataFileError(f"{path}: unreadable array file, truncated or corrupt ({err})") from err
+
+
+def _read_npy(what: str, open_stream, stored_bytes: int) -> np.ndarray:
+    """The array in the .npy stream that open_stream() opens; `what` names it in errors."""
+    try:
+        with open_stream() as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = _NPY_HEADER_READERS.get(version)
+            if read_header is not None:  # newer versions: numpy's reader below checks them
+                shape, _, dtype = read_header(stream)
+                needed = stream.tell() + math.prod(shape) * dtype.itemsize
+                if needed > stored_bytes:
+                    raise DataFileError(
+                        f"{what}: truncated: its header declares shape {shape} of {dtype} ({needed} bytes "
+                        f"with the header) but it holds {stored_bytes} bytes"
+                    )
+        with open_stream() as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+    except DataFileError:
+        raise
+    except MemoryError as err:
+        raise DataFileError(f"{what}: too large to load into memory ({err})") from err
+    except _ARRAY_FILE_ERRORS as err:
+        raise DataFileError(f"{what}: unreadable, truncated or corrupt ({err})") from err
+
+
+def grid_upscale(height: int, width: int) -> int:
+    """save_image_grid's default pixel repeat: each image at least 32 pixels across."""
+    return max(1, math.ceil(32 / max(height, width)))
 
 
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, upscale: int | None = None) -> Path:
@@ -265,7 +374,7 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, upsc
         raise ValueError(f"nrow must be a positive int, got {nrow!r}")
     num, channels, height, width = images.shape
     if upscale is None:
-        upscale = max(1, math.ceil(32 / max(height, width)))
+        upscale = grid_upscale(height, width)
     elif not isinstance(upscale, int) or upscale < 1:
         raise ValueError(f"upscale must be a positive int or None, got {upscale!r}")
 

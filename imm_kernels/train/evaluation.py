@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..precond import Preconditioner
+from .checkpoints import verify_checkpoint
 from .metrics import DIGITS_SHAPE, DigitsEvaluator
 from .sampling_helpers import (
     SAMPLE_STEPS,
@@ -18,7 +20,7 @@ from .sampling_helpers import (
     save_points_scatter,
     save_steps_grid,
 )
-from .trainer import EMA_FILE, DataInfo, TrainConfig, build_net, find_checkpoint, load_run_config
+from .trainer import EMA_FILE, DataInfo, TrainConfig, build_net, find_checkpoint, load_module_weights, load_run_config
 
 __all__ = ["MetricRow", "load_ema_net", "untrained_net", "digits_metric_rows", "format_metric_table", "write_samples"]
 
@@ -33,13 +35,14 @@ class MetricRow:
 
 
 def load_ema_net(checkpoint: str | os.PathLike) -> tuple[Preconditioner, TrainConfig, DataInfo]:
-    """The EMA model of a checkpoint (a run directory or its checkpoint folder), float32 on the CPU, eval mode."""
-    from safetensors.torch import load_file
-
+    """The EMA model of a checkpoint (a run directory's newest complete one, or a checkpoint folder), float32
+    on the CPU, eval mode. Every file's checksum is verified; a bad checkpoint is a CheckpointError naming
+    the file."""
     directory = find_checkpoint(checkpoint)
+    verify_checkpoint(directory)
     config, data_info = load_run_config(directory)
     net = build_net(config, data_info)
-    net.load_state_dict(load_file(directory / EMA_FILE))
+    load_module_weights(net, directory / EMA_FILE, torch.device("cpu"))
     return net.eval().requires_grad_(False), config, data_info
 
 

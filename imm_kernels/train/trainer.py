@@ -15,7 +15,13 @@ run reproducible and resumable bit for bit:
 - the learning rate is a function of the step (linear warm-up, then constant), so it
   does not depend on the total number of steps either;
 - the checkpoint holds the model, the EMA and the AdamW state (safetensors) and the
-  step and optimizer hyper-parameters (JSON), plus the run's `config.json`.
+  step and optimizer hyper-parameters (JSON), plus the run's `config.json`; it is written
+  atomically with checksums, and found again after any crash (`imm_kernels.train.checkpoints`).
+
+What stops a run rather than letting it go on silently: a non-finite loss or gradient norm
+(device-side flags, read where the host waits anyway: log lines and checkpoints), weights that
+blew up, a lost peer process (the process group's timeout). Nothing non-finite is ever
+checkpointed.
 
 The EMA of the weights is kept on rank 0 for evaluation and samples only; training
 never reads it.
@@ -26,12 +32,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import importlib.util
 import json
 import math
 import os
-import shutil
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +62,16 @@ from ..validation import (
     check_rate,
     check_time_range,
 )
+from .checkpoints import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    CheckpointError,
+    find_checkpoint,
+    holds_run,
+    verify_checkpoint,
+    write_checkpoint,
+    write_json_durably,
+)
 from .data import Dataset, load_dataset
 from .sampling_helpers import save_points_scatter, save_steps_grid
 
@@ -63,6 +80,8 @@ __all__ = [
     "DataInfo",
     "ProcessInfo",
     "Trainer",
+    "TrainingDiverged",
+    "CheckpointError",
     "build_net",
     "find_checkpoint",
     "load_run_config",
@@ -70,15 +89,21 @@ __all__ = [
 
 MIXED_PRECISION_CHOICES = ("auto", "none", "bf16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+ON_NAN_CHOICES = ("stop", "skip")
 # The config fields a resumed run may change (Trainer.resume, `imm-kernels train --resume`).
-RESUMABLE_FIELDS = ("steps", "sample_every", "ckpt_every", "log_every")
-CONFIG_FILE = "config.json"
+RESUMABLE_FIELDS = ("steps", "sample_every", "ckpt_every", "log_every", "on_nan", "keep")
 LOG_FILE = "log.jsonl"
-CHECKPOINT_DIR = "checkpoint"
-_STATE_FILE = "state.json"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
 # Default model sizes per kind of data: (width, depth) = ConvBackbone (channels, blocks), MLP (hidden, depth).
 _DEFAULT_SIZES = {"image": (64, 3), "vector": (256, 3)}
+# How long a collective waits for the other ranks before the run fails with a message (seconds).
+DIST_TIMEOUT_S = 300.0
+# A run stops as diverged when its weights' root mean square passes this (finite but useless:
+# a huge learning rate can drive weights towards 1e30 while the loss sits flat).
+WEIGHT_RMS_LIMIT = 1e6
+# --on-nan skip stops as diverged after this many non-finite batches in a row: bad batches are
+# rare, a run that produces nothing else has diverged.
+MAX_CONSECUTIVE_SKIPS = 25
 # EMA warm-up: the decay used at step n is min(ema_decay, (1 + n)/(10 + n)), so the average
 # covers about the last tenth of the steps until it reaches the 1/(1 - ema_decay) horizon.
 _EMA_RAMP = 10
@@ -115,6 +140,10 @@ class TrainConfig:
     backend: the `mmd_loss` backend ("auto": native C++ on CPU, Triton on CUDA).
     mixed_precision: "auto" (bf16 autocast of the backbone on CUDA, none on CPU), "none", "bf16".
     device: "auto" (CUDA when available), "cpu" or "cuda".
+    on_nan: what a non-finite loss or gradient norm does: "stop" the run (found at the next log
+        line or checkpoint, no host sync per step; nothing non-finite is ever checkpointed), or
+        "skip" the batch (no update; one host sync per step to know).
+    keep: how many complete checkpoints to keep (the newest; at least 1).
     """
 
     data: str = "digits"
@@ -147,6 +176,8 @@ class TrainConfig:
     backend: str = "auto"
     mixed_precision: str = "auto"
     device: str = "auto"
+    on_nan: str = "stop"
+    keep: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
@@ -182,6 +213,8 @@ class TrainConfig:
         check_choice("backend", self.backend, BACKEND_NAMES)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
         check_choice("device", self.device, DEVICE_CHOICES)
+        check_choice("on_nan", self.on_nan, ON_NAN_CHOICES)
+        check_positive_int("keep", self.keep)
 
 
 @dataclass(frozen=True)
@@ -227,13 +260,17 @@ def _process_group_backend(device_type: str) -> str:
     return "gloo"
 
 
-def _process_from_env(device_type: str) -> ProcessInfo:
+def _process_from_env(device_type: str, timeout_s: float = DIST_TIMEOUT_S) -> ProcessInfo:
     """This process's rank in the default process group, joining it first (from torchrun's
-    environment; see _process_group_backend) when WORLD_SIZE > 1 and nobody has yet."""
+    environment; see _process_group_backend) when WORLD_SIZE > 1 and nobody has yet.
+
+    timeout_s bounds every collective: a rank whose peer stopped fails after it instead of
+    waiting (PyTorch's default is 30 minutes).
+    """
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return ProcessInfo()
-        dist.init_process_group(_process_group_backend(device_type))
+        dist.init_process_group(_process_group_backend(device_type), timeout=datetime.timedelta(seconds=timeout_s))
     return ProcessInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -323,9 +360,13 @@ class Trainer:
             joins the process group when WORLD_SIZE > 1. A ProcessInfo given explicitly
             with world_size > 1 but no initialised process group computes that rank's
             batch and draws without DDP (used to check DDP against a serial computation).
-        overwrite: replace a checkpoint already in out_dir (otherwise that is an error:
-            continue it with `Trainer.resume`).
+        overwrite: write into an out_dir that already holds a run (otherwise that is an
+            error: continue it with `Trainer.resume`). Checkpoints already there are kept until
+            rotation (`keep`) replaces them with this run's.
         progress: show a tqdm progress bar (rank 0 only).
+        dist_timeout_s: the process group's timeout when this trainer creates it (torchrun).
+        run_id: the run's identity, written with every checkpoint (a resumed run keeps it);
+            None starts a new run.
     """
 
     def __init__(
@@ -336,11 +377,14 @@ class Trainer:
         process: ProcessInfo | None = None,
         overwrite: bool = False,
         progress: bool = True,
+        dist_timeout_s: float = DIST_TIMEOUT_S,
+        run_id: str | None = None,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        check_finite("dist_timeout_s", dist_timeout_s, positive=True)
         self.device = _resolve_device(config)
-        self.process = process or _process_from_env(self.device.type)
+        self.process = process or _process_from_env(self.device.type, dist_timeout_s)
         if self.device.type == "cuda":
             self.device = _rank_device(self.process.local_rank)
             torch.cuda.set_device(self.device)
@@ -352,10 +396,12 @@ class Trainer:
             )
         self.local_batch = config.batch // world_size
         self.out_dir = None if out_dir is None else Path(out_dir)
-        if self.out_dir is not None and not overwrite and (self.out_dir / CHECKPOINT_DIR).exists():
+        if self.out_dir is not None and not overwrite and holds_run(self.out_dir):
             raise ValueError(
-                f"out_dir {self.out_dir} already holds a checkpoint; resume it or choose another output directory"
+                f"out_dir {self.out_dir} already holds a run (config.json or checkpoints); resume it with "
+                "--resume, or choose another output directory"
             )
+        self.run_id = run_id or uuid.uuid4().hex
 
         train_data = load_dataset(config.data, split="train", seed=config.seed)
         if config.conditional and train_data.labels is None:
@@ -399,6 +445,7 @@ class Trainer:
         self.progress = progress
         self._nvtx = _nvtx_range_factory()
         self._epoch_orders: dict[int, Tensor] = {}
+        self._reset_divergence_watch()
 
     # Data and randomness: functions of (seed, step, rank) only.
 
@@ -445,11 +492,24 @@ class Trainer:
         return self.config.lr * min(1.0, (step + 1) / max(self.config.warmup, 1))
 
     def train_step(self) -> Tensor:
-        """One optimizer step at self.step; returns the (detached) loss."""
+        """One optimizer step at self.step; returns the (detached) loss.
+
+        A non-finite loss or gradient norm is recorded on the device (no host sync) and raised
+        as TrainingDiverged at the next log line or checkpoint (`check_divergence`); with
+        on_nan="skip" the batch is skipped instead (no update), which reads the flag every step.
+        """
         loss, _ = self.compute_loss_and_gradients(self.step)
         with self._nvtx("optimizer"):
-            if self.config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+            params = [p for p in self.net.parameters() if p.grad is not None]
+            max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+            grad_norm = nn.utils.clip_grad_norm_(params, max_norm) if params else loss.new_zeros(())
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if self.config.on_nan == "skip":
+                if not bool(finite):  # the host sync of skip mode
+                    self._skip_batch(loss, grad_norm)
+                    return loss
+                self.consecutive_skips = 0
+            self._watch(finite, loss)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             self.optimizer.step()
@@ -458,6 +518,81 @@ class Trainer:
                 self._update_ema()
         self.step += 1
         return loss
+
+    # Divergence: device-side flags, read where the host waits anyway (log lines, checkpoints).
+
+    def _reset_divergence_watch(self) -> None:
+        make = dict(device=self.device)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, **make)
+        self._last_finite_loss = torch.full((), math.nan, dtype=torch.float32, **make)
+        self._last_finite_step = torch.full((), -1, dtype=torch.long, **make)
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    def _watch(self, finite: Tensor, loss: Tensor) -> None:
+        step = self.step + 1  # the step number this update completes, as in the log
+        self._first_bad_step = torch.where(~finite & (self._first_bad_step < 0), step, self._first_bad_step)
+        healthy = finite & (self._first_bad_step < 0)
+        self._last_finite_loss = torch.where(healthy, loss.float(), self._last_finite_loss)
+        self._last_finite_step = torch.where(healthy, step, self._last_finite_step)
+
+    def _skip_batch(self, loss: Tensor, grad_norm: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.step += 1
+        if self.is_logging:
+            self._log({"step": self.step, "event": "skipped", "loss": loss.item(), "grad_norm": grad_norm.item()})
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingDiverged(
+                f"{MAX_CONSECUTIVE_SKIPS} batches in a row gave a non-finite loss or gradient (steps "
+                f"{self.step - MAX_CONSECUTIVE_SKIPS + 1} to {self.step}); " + self._divergence_hints()
+            )
+
+    def _divergence_hints(self) -> str:
+        """Which checkpoint survives (only finite weights are ever checkpointed), then what to try."""
+        kept = ""
+        if self.out_dir is not None:
+            try:
+                newest = find_checkpoint(self.out_dir)
+                kept = f"the newest checkpoint, {newest}, is kept. "
+            except (CheckpointError, FileNotFoundError):
+                kept = "no checkpoint had been written. "
+        return kept + _DIVERGENCE_HINTS
+
+    @property
+    def is_logging(self) -> bool:
+        return self.process.is_main and self.out_dir is not None
+
+    def check_divergence(self) -> None:
+        """Raises TrainingDiverged if a step went non-finite or the weights blew up (one host sync).
+
+        Under torchrun every rank takes part (the flags are combined), so all ranks stop together.
+        """
+        with torch.no_grad():
+            params = [p.detach().float() for p in self.net.parameters()]
+            numel = sum(p.numel() for p in params)
+            rms = torch.sqrt(sum(p.square().sum() for p in params) / max(numel, 1)) if params else torch.zeros(())
+            flags = torch.stack([self._first_bad_step.float(), torch.nan_to_num(rms.to(self.device), nan=math.inf)])
+        if dist.is_initialized() and self.process.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        first_bad, weight_rms = flags.tolist()
+        if first_bad >= 0:
+            last_step = int(self._last_finite_step.item())
+            last = (
+                f"last finite loss {self._last_finite_loss.item():.4g} at step {last_step}"
+                if last_step >= 0
+                else "no finite loss before it"
+            )
+            raise TrainingDiverged(
+                f"training diverged at step {int(first_bad)}: the loss or gradient norm became non-finite ({last}); "
+                + self._divergence_hints()
+            )
+        if not weight_rms <= WEIGHT_RMS_LIMIT:
+            raise TrainingDiverged(
+                f"training diverged by step {self.step}: the weights' root mean square is {weight_rms:.3g} "
+                f"(> {WEIGHT_RMS_LIMIT:g}), though the loss is finite; " + self._divergence_hints()
+            )
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -472,16 +607,17 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Trains up to config.steps, writing samples, log lines and checkpoints on rank 0.
 
-        Returns the last logged loss, the mean samples/s over the run, and the wall time.
+        Returns the last logged loss, the mean samples/s over the run, the wall time and the
+        number of skipped batches. Raises TrainingDiverged (see `check_divergence`); the
+        checkpoints already written are then the last good ones.
         """
         from tqdm.auto import tqdm
 
         config, is_main = self.config, self.process.is_main
-        if is_main and self.out_dir is not None:
+        if self.is_logging:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(self.out_dir / CONFIG_FILE, self.config_json())
-            if self.step == 0:  # a new run (not a resumed one) starts a new log
-                (self.out_dir / LOG_FILE).unlink(missing_ok=True)
+            write_json_durably(self.out_dir / CONFIG_FILE, self.config_json())
+            self._trim_log()
         bar = tqdm(
             total=config.steps,
             initial=self.step,
@@ -492,32 +628,43 @@ class Trainer:
         )
         start_step, started = self.step, time.perf_counter()
         interval_start, interval_losses, last_loss = started, [], math.nan
-        while self.step < config.steps:
-            interval_losses.append(self.train_step())
-            bar.update(1)
-            if self.step % config.log_every == 0 or self.step == config.steps:
-                last_loss = torch.stack(interval_losses).mean().item()
-                now = time.perf_counter()
-                samples_per_s = len(interval_losses) * config.batch / (now - interval_start)
-                interval_start, interval_losses = now, []
-                bar.set_postfix(loss=f"{last_loss:.4g}", samples_per_s=f"{samples_per_s:.0f}")
-                if is_main and self.out_dir is not None:
-                    self._log(
-                        {
-                            "step": self.step,
-                            "loss": last_loss,
-                            "lr": self.learning_rate(self.step - 1),
-                            "samples_per_s": samples_per_s,
-                        }
-                    )
-            if is_main and self.out_dir is not None:
-                if (config.sample_every and self.step % config.sample_every == 0) or self.step == config.steps:
+        try:
+            while self.step < config.steps:
+                skipped = self.skipped_steps
+                loss = self.train_step()
+                if self.skipped_steps == skipped:
+                    interval_losses.append(loss)
+                bar.update(1)
+                at_end = self.step == config.steps
+                log_now = self.step % config.log_every == 0 or at_end
+                sample_now = (config.sample_every and self.step % config.sample_every == 0) or at_end
+                checkpoint_now = (config.ckpt_every and self.step % config.ckpt_every == 0) or at_end
+                if log_now or sample_now or checkpoint_now:
+                    self.check_divergence()  # every rank, at the same steps
+                if log_now and interval_losses:
+                    last_loss = torch.stack(interval_losses).mean().item()
+                    now = time.perf_counter()
+                    samples_per_s = len(interval_losses) * config.batch / (now - interval_start)
+                    interval_start, interval_losses = now, []
+                    bar.set_postfix(loss=f"{last_loss:.4g}", samples_per_s=f"{samples_per_s:.0f}")
+                    if self.is_logging:
+                        record = {"step": self.step, "loss": last_loss, "lr": self.learning_rate(self.step - 1)}
+                        record["samples_per_s"] = samples_per_s
+                        if self.skipped_steps:
+                            record["skipped_steps"] = self.skipped_steps
+                        self._log(record)
+                if self.is_logging and sample_now:
                     with self._nvtx("sample"):
                         self.save_samples(self.out_dir / "samples" / f"step_{self.step:06d}.png")
-                if (config.ckpt_every and self.step % config.ckpt_every == 0) or self.step == config.steps:
+                if self.is_logging and checkpoint_now:
                     with self._nvtx("checkpoint"):
-                        self.save_checkpoint(self.out_dir / CHECKPOINT_DIR)
-        bar.close()
+                        self.save_checkpoint()
+        except TrainingDiverged as err:
+            if self.is_logging:
+                self._log({"step": self.step, "event": "diverged", "message": str(err)})
+            raise
+        finally:
+            bar.close()
         if dist.is_initialized() and self.process.world_size > 1:
             dist.barrier()  # the others wait for rank 0's last checkpoint
         wall = time.perf_counter() - started
@@ -525,11 +672,36 @@ class Trainer:
             "loss": last_loss,
             "samples_per_s": (self.step - start_step) * config.batch / max(wall, 1e-9),
             "wall_s": wall,
+            "skipped_steps": self.skipped_steps,
         }
 
     def _log(self, record: dict) -> None:
+        """One JSON line; non-finite numbers are written as null (bare NaN is not JSON)."""
+        clean = {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()
+        }
         with open(self.out_dir / LOG_FILE, "a") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(clean, allow_nan=False) + "\n")
+
+    def _trim_log(self) -> None:
+        """A new run starts a new log; a resumed one drops the lines after its checkpoint's step (a crashed
+        run may have logged past its last checkpoint) and keeps the rest."""
+        path = self.out_dir / LOG_FILE
+        if not path.exists():
+            return
+        if self.step == 0:
+            path.unlink()
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut short by a crash
+            if isinstance(step, int) and step <= self.step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
 
     # Samples.
 
@@ -552,49 +724,55 @@ class Trainer:
             "config": dataclasses.asdict(self.config),
             "data_info": dataclasses.asdict(self.data_info),
             "world_size": self.process.world_size,
+            "run_id": self.run_id,
             "imm_kernels_version": __version__,
         }
 
-    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
-        """Writes model, EMA and optimizer (safetensors), state.json and config.json; replaces `directory` whole.
+    def save_checkpoint(self) -> Path:
+        """Writes checkpoint self.step of the run under out_dir (see imm_kernels.train.checkpoints):
+        model, EMA and optimizer (safetensors), config.json and state.json with their SHA-256s.
 
-        Rank 0 only (the EMA lives there). The files go to a temporary folder that is then
-        renamed, so an interrupted save leaves the previous checkpoint intact.
+        Rank 0 only (the EMA lives there). Refuses non-finite weights (TrainingDiverged): a
+        checkpoint is only ever written from finite ones. Keeps the newest config.keep.
         """
         from safetensors.torch import save_file
 
-        if self.ema is None:
-            raise RuntimeError("save_checkpoint runs on rank 0, which keeps the EMA")
-        directory = Path(directory)
-        partial = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_file(_contiguous(self.net.state_dict()), partial / MODEL_FILE)
-        save_file(_contiguous(self.ema.state_dict()), partial / EMA_FILE)
-        optimizer_tensors, param_groups = _flatten_optimizer_state(self.optimizer.state_dict())
-        save_file(optimizer_tensors, partial / OPTIMIZER_FILE)
-        _write_json(partial / _STATE_FILE, {"step": self.step, "param_groups": param_groups})
-        _write_json(partial / CONFIG_FILE, self.config_json())
-        previous = directory.with_name(directory.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if directory.exists():
-            directory.rename(previous)
-        partial.rename(directory)
-        shutil.rmtree(previous, ignore_errors=True)
-        return directory
+        if self.ema is None or self.out_dir is None:
+            raise RuntimeError("save_checkpoint runs on rank 0 (which keeps the EMA) of a trainer with an out_dir")
+        for name, module in (("model", self.net), ("EMA", self.ema)):
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                raise TrainingDiverged(
+                    f"the {name} weights hold non-finite values at step {self.step}; no checkpoint was written. "
+                    + self._divergence_hints()
+                )
+
+        def write_files(folder: Path) -> dict:
+            save_file(_contiguous(self.net.state_dict()), folder / MODEL_FILE)
+            save_file(_contiguous(self.ema.state_dict()), folder / EMA_FILE)
+            optimizer_tensors, param_groups = _flatten_optimizer_state(self.optimizer.state_dict())
+            save_file(optimizer_tensors, folder / OPTIMIZER_FILE)
+            write_json_durably(folder / CONFIG_FILE, self.config_json())
+            return {"step": self.step, "param_groups": param_groups}
+
+        return write_checkpoint(self.out_dir, self.step, write_files, keep=self.config.keep)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Loads model, optimizer, step and (rank 0) EMA written by save_checkpoint."""
-        from safetensors.torch import load_file
-
+        """Loads model, optimizer, step and (rank 0) EMA of a checkpoint (a folder, or a run directory's
+        newest complete one), after verifying every file's checksum."""
         directory = find_checkpoint(directory)
-        self.net.load_state_dict(load_file(directory / MODEL_FILE, device=str(self.device)))
+        state = verify_checkpoint(directory)
+        load_module_weights(self.net, directory / MODEL_FILE, self.device)
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(directory / EMA_FILE, device=str(self.device)))
-        state = json.loads((directory / _STATE_FILE).read_text())
-        tensors = load_file(directory / OPTIMIZER_FILE, device=str(self.device))
-        self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["param_groups"]))
-        self.step = int(state["step"])
+            load_module_weights(self.ema, directory / EMA_FILE, self.device)
+        tensors = load_tensors(directory / OPTIMIZER_FILE, self.device)
+        try:
+            self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["param_groups"]))
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(
+                f"{directory / OPTIMIZER_FILE}: does not fit this model's optimizer ({err})"
+            ) from None
+        self.step = state["step"]
+        self._reset_divergence_watch()
 
     @classmethod
     def resume(
@@ -604,23 +782,115 @@ class Trainer:
         *,
         process: ProcessInfo | None = None,
         progress: bool = True,
+        allow_world_size_change: bool = False,
+        dist_timeout_s: float = DIST_TIMEOUT_S,
         **overrides,
     ) -> Trainer:
-        """A trainer continuing a checkpoint (a run directory or its checkpoint folder).
+        """A trainer continuing a checkpoint (a run directory, whose newest complete checkpoint is taken,
+        or a checkpoint folder).
 
-        out_dir: where to write; None continues in the checkpoint's run directory.
-        overrides: config fields that may change on resume (RESUMABLE_FIELDS): steps, sample_every,
-            ckpt_every, log_every.
+        out_dir: where to write; None continues in the checkpoint's run directory. A directory that
+            holds another run is refused (its checkpoints would be rotated away).
+        allow_world_size_change: continue on another number of processes than wrote the checkpoint;
+            each rank's share of the data and its random draws then differ from the uninterrupted
+            run, so the run no longer reproduces it.
+        overrides: config fields that may change on resume (RESUMABLE_FIELDS).
         """
         unknown = sorted(set(overrides) - set(RESUMABLE_FIELDS))
         if unknown:
             raise ValueError(f"only {sorted(RESUMABLE_FIELDS)} can change on resume, got {unknown}")
         directory = find_checkpoint(checkpoint)
+        verify_checkpoint(directory)
+        saved = read_run_json(directory)
         config = dataclasses.replace(load_run_config(directory)[0], **overrides)
-        out_dir = directory.parent if out_dir is None else out_dir
-        trainer = cls(config, out_dir, process=process, overwrite=True, progress=progress)
+        source_run = run_directory_of(directory)
+        out_dir = source_run if out_dir is None else Path(out_dir)
+        if out_dir.resolve() != source_run.resolve() and holds_run(out_dir):
+            other = _run_id_of(out_dir)
+            if other is None or other != saved.get("run_id"):
+                raise ValueError(
+                    f"--out {out_dir} holds another run ({other or 'unknown run id'}); resuming {directory} there "
+                    "would mix their logs and replace its checkpoints: resume into an empty directory or the run's own"
+                )
+        trainer = cls(
+            config,
+            out_dir,
+            process=process,
+            overwrite=True,
+            progress=progress,
+            dist_timeout_s=dist_timeout_s,
+            run_id=saved.get("run_id"),
+        )
+        saved_world = saved.get("world_size", 1)
+        if saved_world != trainer.process.world_size and not allow_world_size_change:
+            raise ValueError(
+                f"{directory} was written by {saved_world} process(es) and this run has {trainer.process.world_size}: "
+                "each rank's share of every batch and its random draws would change, so the run would no longer "
+                "reproduce an uninterrupted one; pass --allow-world-size-change to continue anyway"
+            )
         trainer.load_checkpoint(directory)
+        if trainer.is_logging and out_dir.resolve() != source_run.resolve():
+            _copy_log(source_run / LOG_FILE, out_dir / LOG_FILE, trainer.step)
         return trainer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or the weights went non-finite (or blew up); the message says when and what to try."""
+
+
+_DIVERGENCE_HINTS = (
+    "Try a lower --lr, a longer --warmup, --grad-clip 1, a --sigma-data that matches the data's scale, or "
+    "--on-nan skip to skip non-finite batches."
+)
+
+
+def load_module_weights(module: nn.Module, path: Path, device: torch.device) -> None:
+    try:
+        module.load_state_dict(load_tensors(path, device))
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: does not fit the model of this config: {' '.join(lines[1:3])}") from None
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is a CheckpointError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def run_directory_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint folder belongs to (OUT for OUT/checkpoints/step_N and OUT/checkpoint)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
+
+
+def _run_id_of(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _copy_log(source: Path, target: Path, step: int) -> None:
+    """The source run's log lines up to `step`, so that a run resumed elsewhere has its whole history."""
+    if not source.is_file() or target.exists():
+        return
+    lines = []
+    for line in source.read_text().splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(record_step, int) and record_step <= step:
+            lines.append(line)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(line + "\n" for line in lines))
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -646,27 +916,30 @@ def _unflatten_optimizer_state(tensors: dict[str, Tensor], param_groups: list[di
     return {"state": state, "param_groups": param_groups}
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder at `path`: the folder itself, or `path/checkpoint` for a run directory."""
-    path = Path(path)
-    for candidate in (path, path / CHECKPOINT_DIR):
-        if (candidate / _STATE_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"checkpoint {str(path)!r} is not a checkpoint: no {_STATE_FILE} and {CONFIG_FILE} in it or in its "
-        f"{CHECKPOINT_DIR}/ folder"
-    )
+def read_run_json(checkpoint: str | os.PathLike) -> dict:
+    """A checkpoint's config.json (a run directory's newest complete checkpoint, or the folder given)."""
+    path = find_checkpoint(checkpoint) / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("config"), dict)
+        or not isinstance(saved.get("data_info"), dict)
+    ):
+        raise CheckpointError(f"{path}: not a run configuration (no 'config' and 'data_info' objects)")
+    return saved
 
 
 def load_run_config(checkpoint: str | os.PathLike) -> tuple[TrainConfig, DataInfo]:
     """The TrainConfig and DataInfo saved with a checkpoint (a run directory or its checkpoint folder)."""
     directory = find_checkpoint(checkpoint)
-    saved = json.loads((directory / CONFIG_FILE).read_text())
+    saved = read_run_json(directory)
     info = saved["data_info"]
-    return TrainConfig(**saved["config"]), DataInfo(
-        info["name"], info["kind"], tuple(info["shape"]), info["num_classes"]
-    )
+    try:
+        return TrainConfig(**saved["config"]), DataInfo(
+            info["name"], info["kind"], tuple(info["shape"]), info["num_classes"]
+        )
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid run configuration: {err}") from None

@@ -17,23 +17,23 @@ def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tm
     out = tmp_path / "toy"
     printed = run_cli(capsys, *"train --data toy2d --steps 6 --sample-every 3 --out".split(), str(out), *TINY)
     assert "done: step 6" in printed.out
-    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "step_0000006" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["data"] == "toy2d" and config["width"] == 16 and config["steps"] == 6
 
     printed = run_cli(capsys, "train", "--resume", str(out), "--steps", "8")
     assert "done: step 8" in printed.out
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 8
+    assert json.loads((out / "checkpoints" / "step_0000008" / "state.json").read_text())["step"] == 8
 
     printed = run_cli(capsys, "eval", "--checkpoint", str(out), "--steps", "1,2", "--num-samples", "300")
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["samples_1step.png", "samples_2step.png"]
     assert "FD" not in printed.out  # the digits table is for digits only
 
     err = cli_fails(capsys, "train", "--resume", str(out), "--lr", "0.1")
-    assert "only steps, sample_every, ckpt_every, log_every can change, got lr" in err
+    assert "only steps, sample_every, ckpt_every, log_every, on_nan, keep can change, got lr" in err
     err = cli_fails(capsys, *"train --data toy2d --steps 2 --out".split(), str(out), *TINY)
-    assert "already holds a checkpoint" in err
+    assert "already holds a run" in err
 
 
 def test_latent_arrays_train_and_eval_to_npy(tmp_path, capsys):
@@ -45,7 +45,7 @@ def test_latent_arrays_train_and_eval_to_npy(tmp_path, capsys):
         capsys,
         "eval",
         "--checkpoint",
-        str(out / "checkpoint"),
+        str(out / "checkpoints" / "step_0000002"),
         "--steps",
         "2",
         "--num-samples",
@@ -100,7 +100,7 @@ def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys
         "trained (EMA), 4 steps",
         "trained (EMA), 8 steps",
     ]
-    assert (out / "samples_m4.png").is_file() and (out / "m4" / "checkpoint" / "ema.safetensors").is_file()
+    assert (out / "samples_m4.png").is_file() and (out / "m4" / "latest").is_file()
 
     demo_rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in table}
     printed = run_cli(capsys, "eval", "--checkpoint", str(out / "m4"), "--num-samples", "200")
@@ -127,7 +127,7 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
     from imm_kernels.sampling import GRID_KINDS, SAMPLERS
     from imm_kernels.sampling.latency import BENCH_MODELS, PRECISIONS
     from imm_kernels.schedules import SCHEDULE_NAMES
-    from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES
+    from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES, ON_NAN_CHOICES
 
     expected = {
         "train": {
@@ -137,11 +137,12 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
             "--backend": BACKEND_NAMES,
             "--mixed-precision": MIXED_PRECISION_CHOICES,
             "--device": DEVICE_CHOICES,
+            "--on-nan": ON_NAN_CHOICES,
         },
         "sample": {"--sampler": SAMPLERS, "--grid": GRID_KINDS, "--device": DEVICE_CHOICES},
         "bench-sampling": {"--model": BENCH_MODELS, "--precision": PRECISIONS},
     }
-    for command in ("demo", "train", "eval", "sample", "bench-sampling", "report"):
+    for command in ("demo", "train", "eval", "sample", "convert", "bench-sampling", "report"):
         choices = {flag: action.choices for flag, action in _options(command).items() if action.choices is not None}
         assert choices.keys() == expected.get(command, {}).keys(), command
         assert all(choices[flag] is constant for flag, constant in expected.get(command, {}).items()), command

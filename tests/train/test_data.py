@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imm_kernels.train.data import load_dataset, save_image_grid, save_scatter_plot
+from imm_kernels.train.data import DataFileError, load_dataset, save_image_grid, save_scatter_plot
 
 
 def test_digits_shapes_range_and_labels():
@@ -188,7 +188,7 @@ def test_array_file_errors(tmp_path, arrays, match):
 
 def test_unreadable_and_too_small_array_files(tmp_path):
     (tmp_path / "junk.npy").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.npy: unreadable array file"):
+    with pytest.raises(ValueError, match="junk.npy: unreadable, truncated or corrupt"):
         load_dataset(tmp_path / "junk.npy")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(ValueError, match="objects.npy: unreadable"):
@@ -234,3 +234,171 @@ def test_scatter_plot_puts_points_where_they_are(tmp_path):
     assert len(rows) > 0 and (abs(rows - 32) <= 3).all() and (abs(cols - 95) <= 3).all()
     with pytest.raises(ValueError, match=r"points must be an \(N, 2\)"):
         save_scatter_plot(torch.zeros(5, 3), tmp_path / "bad.png")
+
+
+def flip_bytes(path, start, stop):
+    data = bytearray(path.read_bytes())
+    for i in range(start, stop):
+        data[i] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def npy_header_only(file, shape):
+    """A .npy header declaring `shape` of float32, followed by 64 bytes instead of its data."""
+    np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    file.write(b"\0" * 64)
+
+
+def truncated_npz(path):
+    np.savez(path, x=np.zeros((50, 3)))
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def corrupt_compressed_npz(path):
+    np.savez_compressed(path, x=np.random.default_rng(0).random((200, 3)))
+    flip_bytes(path, 100, 300)
+
+
+def corrupt_stored_npz(path):
+    np.savez(path, x=np.random.default_rng(0).random((200, 3)))
+    flip_bytes(path, 300, 400)
+
+
+def huge_header_npz(path):
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    npy_header_only(member, (10**12, 2))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", member.getvalue())
+
+
+def huge_header_npy(path):
+    with open(path, "wb") as file:
+        npy_header_only(file, (10**12, 2))
+
+
+def short_npy(path):
+    np.save(path, np.zeros((100, 3)))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "name, make, match",
+    [
+        ("t.npz", truncated_npz, r"t.npz: unreadable array file, truncated or corrupt \(File is not a zip file\)"),
+        ("c.npz", corrupt_compressed_npz, r"c.npz: array 'x': unreadable, truncated or corrupt \(Error -3"),
+        ("s.npz", corrupt_stored_npz, r"s.npz: array 'x': unreadable, truncated or corrupt \(Bad CRC-32"),
+        ("h.npz", huge_header_npz, r"h.npz: array 'x': truncated: its header declares shape \(1000000000000, 2\)"),
+        ("h.npy", huge_header_npy, r"h.npy: truncated: its header declares shape \(1000000000000, 2\) of float32"),
+        ("short.npy", short_npy, r"short.npy: truncated: .* \(2528 bytes with the header\) but it holds 2428 bytes"),
+        ("empty.npy", lambda path: path.write_bytes(b""), r"empty.npy: unreadable, .*EOF: reading magic string"),
+    ],
+)
+def test_truncated_and_corrupt_array_files_name_the_file(tmp_path, name, make, match):
+    make(tmp_path / name)
+    with pytest.raises(DataFileError, match=match):
+        load_dataset(tmp_path / name, split="all")
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"x": np.array([[1, "a", None]] * 3, dtype=object)}, r"array 'x': unreadable.*allow_pickle=False"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0, 1, None], dtype=object)}, r"array 'y': unreadable.*allow_pickle"),
+        ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 2, 2**45])}, "go up to 35184372088832, but class indices must"),
+        ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 2, 2**63 + 5], np.uint64)}, "go up to 9223372036854775813"),
+        ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 2, 100_000])}, "must be below 100000"),
+    ],
+)
+def test_object_arrays_and_labels_beyond_the_class_bound(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataFileError, match=match):
+        load_dataset(tmp_path / "bad.npz", split="all")
+
+
+def test_labels_up_to_the_class_bound_load(tmp_path):
+    np.savez(tmp_path / "many.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 2, 99_999]))
+    assert load_dataset(tmp_path / "many.npz", split="all").num_classes == 100_000
+
+
+def write_image(folder, name, image, **save_options):
+    folder.mkdir(exist_ok=True)
+    image.save(folder / name, **save_options)
+    return folder
+
+
+def transparent_rgba():
+    pixels = np.full((4, 4, 4), 255, np.uint8)
+    pixels[0, 0, 3] = 0  # one transparent pixel
+    return Image.fromarray(pixels, "RGBA")
+
+
+def truncated_png(folder):
+    write_image(folder, "a.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)))
+    (folder / "a.png").write_bytes((folder / "a.png").read_bytes()[:300])
+    return folder
+
+
+def truncated_jpeg(folder):
+    write_image(folder, "a.jpg", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    (folder / "a.jpg").write_bytes((folder / "a.jpg").read_bytes()[:1000])
+    return folder
+
+
+def corrupt_png_data(folder):
+    write_image(folder, "a.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)))
+    flip_bytes(folder / "a.png", 200, 260)
+    return folder
+
+
+def animated_png(folder):
+    frames = [Image.new("L", (4, 4), 0), Image.new("L", (4, 4), 255)]
+    return write_image(folder, "a.png", frames[0], save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda f: write_image(f, "wide.png", Image.new("L", (1025, 1))),
+            r"wide.png: image is 1025×1; .* at most 1024",
+        ),
+        (lambda f: write_image(f, "a.png", transparent_rgba()), r"a.png: has transparent pixels"),
+        (animated_png, r"a.png: an animation of 2 frames"),
+        (truncated_png, r"a.png: unreadable image \(image file is truncated"),
+        (truncated_jpeg, r"a.jpg: unreadable image \(image file is truncated"),
+        (corrupt_png_data, r"a.png: unreadable image"),
+    ],
+)
+def test_unusable_images_name_the_file(tmp_path, make, match):
+    folder = make(tmp_path / "images")
+    with pytest.raises(DataFileError, match=match):
+        load_dataset(folder, split="all")
+
+
+@pytest.mark.parametrize("side", [12, 16])  # 144 pixels: PIL warns; 256 (over twice the limit): PIL refuses
+def test_decompression_bombs_are_errors(tmp_path, monkeypatch, side):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    write_image(tmp_path, "bomb.png", Image.new("L", (side, side)))
+    with pytest.raises(
+        DataFileError, match=rf"bomb.png: too many pixels to decode safely \(Image size \({side**2} pixels"
+    ):
+        load_dataset(tmp_path, split="all")
+
+
+def test_opaque_alpha_and_palettes_load(tmp_path):
+    opaque = np.full((4, 4, 4), 255, np.uint8)
+    write_image(tmp_path, "a.png", Image.fromarray(opaque, "RGBA"))
+    write_image(tmp_path, "b.png", Image.new("P", (4, 4)))
+    ds = load_dataset(tmp_path, split="all")
+    assert ds.x.shape == (2, 3, 4, 4) and torch.equal(ds.x[0], torch.ones(3, 4, 4))
+
+
+def test_camera_jpegs_with_extra_mpo_frames_load(tmp_path):
+    # Multi-picture JPEGs (a photo plus previews or depth) are not animations: the photo, frame 0, is read.
+    photo, preview = Image.new("RGB", (4, 4), (255, 255, 255)), Image.new("RGB", (4, 4))
+    photo.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview])
+    ds = load_dataset(tmp_path, split="all")
+    assert ds.x.shape == (1, 3, 4, 4) and torch.allclose(ds.x, torch.ones(1, 3, 4, 4), atol=2 / 127.5)

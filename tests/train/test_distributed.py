@@ -1,6 +1,8 @@
 """DDP: two gloo processes on the CPU against the same two ranks computed serially in one process;
 which GPU a rank takes, and the process group's backend, when ranks outnumber the GPUs."""
 
+import datetime
+import json
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from imm_kernels.train import trainer as trainer_module
-from imm_kernels.train.trainer import CHECKPOINT_DIR, ProcessInfo, TrainConfig, Trainer
+from imm_kernels.train.trainer import ProcessInfo, TrainConfig, Trainer, find_checkpoint
 
 WORLD_SIZE = 2
 STEP = 3  # any step: the data slice and the draws are functions of (seed, rank, step)
@@ -123,7 +125,7 @@ def test_torchrun_two_processes_train_and_checkpoint(device, tmp_path):
     assert f"2 process(es) on {'cuda:0' if device == 'cuda' else 'cpu'}" in result.stdout
     if device == "cuda" and torch.cuda.device_count() == 1:
         assert "2 ranks share 1 GPU(s) on this node" in result.stderr
-    assert (out / CHECKPOINT_DIR / "model.safetensors").is_file()
+    assert (find_checkpoint(out) / "model.safetensors").is_file()
 
 
 # Ranks and GPUs, checked on any machine by faking the GPU count.
@@ -168,15 +170,15 @@ def test_the_process_group_is_nccl_only_with_a_gpu_per_rank(
 ):
     joined = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda name: joined.append(name))
+    monkeypatch.setattr(dist, "init_process_group", lambda name, timeout: joined.append((name, timeout)))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2 * local_ranks)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setenv("WORLD_SIZE", str(2 * local_ranks))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert trainer_module._process_from_env(device_type) == ProcessInfo(1, 2 * local_ranks, 1)
-    assert joined == [backend]
+    assert trainer_module._process_from_env(device_type, 42.0) == ProcessInfo(1, 2 * local_ranks, 1)
+    assert joined == [(backend, datetime.timedelta(seconds=42))]  # never PyTorch's 30-minute default
     shared = [str(w.message) for w in recwarn if "share" in str(w.message)]
     if device_type == "cuda" and backend == "gloo":
         assert shared == [
@@ -185,3 +187,47 @@ def test_the_process_group_is_nccl_only_with_a_gpu_per_rank(
         ]
     else:
         assert shared == []
+
+
+# A lost peer, and the restart that continues the run.
+
+_LEAVING_RANK = """
+import os
+import sys
+
+from imm_kernels.cli import main
+from imm_kernels.train import trainer as trainer_module
+
+if os.environ["RANK"] == "1":  # this rank leaves the run after two steps, without a word
+    train_step = trainer_module.Trainer.train_step
+
+    def leave_at_step_2(self):
+        if self.step == 2:
+            os._exit(0)
+        return train_step(self)
+
+    trainer_module.Trainer.train_step = leave_at_step_2
+main(sys.argv[1:])
+"""
+
+
+def test_a_lost_peer_ends_the_run_with_a_message_and_auto_resume_continues(tmp_path):
+    script, out = tmp_path / "leave.py", tmp_path / "run"
+    script.write_text(_LEAVING_RANK)
+    train = [*"train --data toy2d --batch 32 --width 16 --depth 1 --device cpu --ckpt-every 1".split()]
+    train += ["--out", str(out), "--dist-timeout", "20", "--auto-resume"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    result = subprocess.run(
+        [*command, str(script), *train, "--steps", "50"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "rank 0 lost contact with the other processes" in result.stderr, result.stderr[-3000:]
+    assert "--auto-resume" in result.stderr
+    assert json.loads((find_checkpoint(out) / "state.json").read_text())["step"] == 2  # the last complete one
+
+    # What torchrun --max-restarts repeats: the same command, now continuing the run.
+    result = subprocess.run(
+        [*command, "-m", "imm_kernels", *train, "--steps", "4"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: step 4" in result.stdout

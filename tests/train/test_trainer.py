@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from imm_kernels.train import DigitsEvaluator
 from imm_kernels.train.evaluation import digits_metric_rows, format_metric_table, load_ema_net, untrained_net
 from imm_kernels.train.sampling_helpers import prior_noise, pushforward_sample
-from imm_kernels.train.trainer import CHECKPOINT_DIR, TrainConfig, Trainer, find_checkpoint, load_run_config
+from imm_kernels.train.trainer import TrainConfig, Trainer, find_checkpoint, load_run_config
 
 TINY = dict(batch=32, width=16, depth=1, log_every=5)
 
@@ -67,7 +67,7 @@ def test_checkpoint_then_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert not torch.equal(actual["net.backbone.out.weight"], actual["ema.backbone.out.weight"])
     # Also the checkpoints on disk.
     for file in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
-        saved, resaved = (load_file(tmp_path / run / CHECKPOINT_DIR / file) for run in ("straight", "halves"))
+        saved, resaved = (load_file(find_checkpoint(tmp_path / run) / file) for run in ("straight", "halves"))
         assert all(torch.equal(saved[k], resaved[k]) for k in saved) and saved.keys() == resaved.keys(), file
 
 
@@ -76,7 +76,9 @@ def test_checkpoint_files_and_config_round_trip(tmp_path):
     trainer = Trainer(config, tmp_path, progress=False)
     trainer.train()
     checkpoint = find_checkpoint(tmp_path)
-    assert checkpoint == tmp_path / CHECKPOINT_DIR
+    assert checkpoint == tmp_path / "checkpoints" / "step_0000006"
+    assert (tmp_path / "latest").read_text() == "checkpoints/step_0000006\n"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]  # keep 2
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "config.json",
         "ema.safetensors",
@@ -94,11 +96,13 @@ def test_checkpoint_files_and_config_round_trip(tmp_path):
     net, _, _ = load_ema_net(tmp_path)  # on the CPU, wherever it was trained
     for name, value in trainer.ema.state_dict().items():
         assert torch.equal(net.state_dict()[name], value.cpu()), name
-    with pytest.raises(ValueError, match="already holds a checkpoint"):
+    with pytest.raises(ValueError, match="already holds a run"):
         Trainer(config, tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         find_checkpoint(tmp_path / "samples")
-    with pytest.raises(ValueError, match=r"only \['ckpt_every', 'log_every', 'sample_every', 'steps'\]"):
+    with pytest.raises(
+        ValueError, match=r"only \['ckpt_every', 'keep', 'log_every', 'on_nan', 'sample_every', 'steps'\]"
+    ):
         Trainer.resume(tmp_path, lr=1.0)
 
 
