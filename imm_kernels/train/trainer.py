@@ -693,14 +693,7 @@ class Trainer:
         if self.step == 0:
             path.unlink()
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                step = json.loads(line).get("step")
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line cut short by a crash
-            if isinstance(step, int) and step <= self.step:
-                kept.append(line)
+        kept = _log_lines_up_to(path, self.step)
         path.write_text("".join(line + "\n" for line in kept))
 
     # Samples.
@@ -877,20 +870,25 @@ def _run_id_of(run_dir: Path) -> str | None:
         return None
 
 
-def _copy_log(source: Path, target: Path, step: int) -> None:
-    """The source run's log lines up to `step`, so that a run resumed elsewhere has its whole history."""
-    if not source.is_file() or target.exists():
-        return
-    lines = []
-    for line in source.read_text().splitlines():
+def _log_lines_up_to(path: Path, step: int) -> list[str]:
+    """The log's complete lines of steps <= step (a line cut short by a crash is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
         try:
             record_step = json.loads(line).get("step")
         except (json.JSONDecodeError, AttributeError):
             continue
         if isinstance(record_step, int) and record_step <= step:
-            lines.append(line)
+            kept.append(line)
+    return kept
+
+
+def _copy_log(source: Path, target: Path, step: int) -> None:
+    """The source run's log lines up to `step`, so that a run resumed elsewhere has its whole history."""
+    if not source.is_file() or target.exists():
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(line + "\n" for line in lines))
+    target.write_text("".join(line + "\n" for line in _log_lines_up_to(source, step)))
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
