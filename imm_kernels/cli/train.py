@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
@@ -16,6 +17,7 @@ from ..train.trainer import (
     DEVICE_CHOICES,
     DIST_TIMEOUT_S,
     MIXED_PRECISION_CHOICES,
+    MODEL_CHOICES,
     ON_NAN_CHOICES,
     RESUMABLE_FIELDS,
     TrainConfig,
@@ -112,7 +114,32 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     option("--mixed-precision", "backbone autocast (auto: bf16 on CUDA)", choices=MIXED_PRECISION_CHOICES)
     option("--device", "auto: CUDA when available", choices=DEVICE_CHOICES)
     option("--on-nan", "non-finite loss or gradient: stop the run, or skip the batch", choices=ON_NAN_CHOICES)
+    option("--model", "backbone (auto: conv for images, mlp for vectors)", choices=MODEL_CHOICES)
+    option(
+        "--model-kwargs",
+        'backbone constructor arguments as JSON, e.g. \'{"hidden_size": 64, "depth": 2, "num_heads": 2}\'',
+        type=_json_object,
+        metavar="JSON",
+    )
+    option("--compile", "torch.compile the model the loss calls", action=argparse.BooleanOptionalAction)
+    option(
+        "--checkpoint-activations",
+        "recompute DiT blocks in the backward pass (less memory)",
+        action=argparse.BooleanOptionalAction,
+    )
+    option("--tf32", "TF32 matmuls and convolutions on CUDA", action=argparse.BooleanOptionalAction)
+    option("--fused-optimizer", "the fused AdamW kernel on CUDA", action=argparse.BooleanOptionalAction)
     option("--keep", "complete checkpoints kept in OUT/checkpoints (the newest)", type=int)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object like {{"depth": 2}}, got {text!r}')
+    return value
 
 
 def run(args) -> None:

@@ -73,6 +73,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..ops.adaln import adaln_modulate, adaln_residual_modulate
@@ -408,6 +409,10 @@ class DiT(nn.Module):
         dropout: rate of the blocks' MLP dropouts (training mode only).
         backend: "auto", "triton" or "torch" (the references) for every fused op.
         batched_modulation: all adaLN modulations in one matmul (see the module docstring).
+        checkpoint_activations: in training (grad mode), keep only each block's inputs and
+            recompute the block in the backward pass (torch.utils.checkpoint, non-reentrant; the
+            RNG state is replayed, so dropout masks repeat): activation memory O(depth · input)
+            instead of O(depth · block), for one more forward of the blocks. Settable at run time.
     """
 
     def __init__(
@@ -434,6 +439,7 @@ class DiT(nn.Module):
         out_channels: int | None = None,
         backend: str = "auto",
         batched_modulation: bool = False,
+        checkpoint_activations: bool = False,
         **unknown_kwargs,
     ) -> None:
         super().__init__()
@@ -486,6 +492,7 @@ class DiT(nn.Module):
         self.temb_size = temb_size = hidden_size * temb_mult
         self.backend = backend
         self.batched_modulation = bool(batched_modulation)
+        self.checkpoint_activations = bool(checkpoint_activations)
 
         num_patches = (input_size // patch_size) ** 2
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -696,7 +703,20 @@ class DiT(nn.Module):
                 next_eps = self.blocks[index + 1].norm1.eps
             else:
                 next_shift, next_scale, next_eps = final_shift, final_scale, self.final_layer.norm_final.eps
-            h, x = block.forward_chained(x, h, modulation, next_shift, next_scale, next_eps, backend)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                h, x = torch.utils.checkpoint.checkpoint(
+                    block.forward_chained,
+                    x,
+                    h,
+                    modulation,
+                    next_shift,
+                    next_scale,
+                    next_eps,
+                    backend,
+                    use_reentrant=False,
+                )
+            else:
+                h, x = block.forward_chained(x, h, modulation, next_shift, next_scale, next_eps, backend)
         return self.unpatchify(self.final_layer.linear(h))
 
 

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..loss import IMMLoss
-from ..models import ConvBackbone, MLPBackbone
+from ..models import ConvBackbone, DiT, MLPBackbone, SongUNet
+from ..models.dit import DIT_SIZES
 from ..ops.backends import BACKEND_NAMES
 from ..precond import Preconditioner, check_parameterisation
 from ..validation import (
@@ -90,8 +91,24 @@ __all__ = [
 MIXED_PRECISION_CHOICES = ("auto", "none", "bf16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ON_NAN_CHOICES = ("stop", "skip")
+# Backbones: "auto" (conv for images, MLP for vectors), the small CPU ones, the DiT configs (DiT-S/2 is
+# "dit-s2") and the IMM CIFAR-10 U-Net; --model-kwargs overrides any constructor argument.
+DIT_MODELS = {f"dit-{size.lower()}{patch}": (size, patch) for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)}
+MODEL_CHOICES = ("auto", "mlp", "conv", *DIT_MODELS, "songunet")
 # The config fields a resumed run may change (Trainer.resume, `imm-kernels train --resume`).
-RESUMABLE_FIELDS = ("steps", "sample_every", "ckpt_every", "log_every", "on_nan", "keep")
+RESUMABLE_FIELDS = (
+    "steps",
+    "sample_every",
+    "ckpt_every",
+    "log_every",
+    "on_nan",
+    "keep",
+    # how a step runs, not what it computes
+    "compile",
+    "checkpoint_activations",
+    "tf32",
+    "fused_optimizer",
+)
 LOG_FILE = "log.jsonl"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
 # Default model sizes per kind of data: (width, depth) = ConvBackbone (channels, blocks), MLP (hidden, depth).
@@ -144,6 +161,17 @@ class TrainConfig:
         line or checkpoint, no host sync per step; nothing non-finite is ever checkpointed), or
         "skip" the batch (no update; one host sync per step to know).
     keep: how many complete checkpoints to keep (the newest; at least 1).
+    model: the backbone: "auto" (conv for images, MLP for vectors), "mlp", "conv", "dit-s2" …
+        "dit-xl8" (the DiT configs; images or latents (C, S, S) with S a multiple of the patch),
+        "songunet" (the IMM CIFAR-10 U-Net's class; its defaults are CIFAR-10's DDPM++ sizes).
+        The DiT and U-Net use the fused adaLN/timestep ops on CUDA (backend "torch" runs their
+        references, as for the loss); conditional DiTs take label dropout to their null class.
+    model_kwargs: constructor arguments for the backbone, overriding the model's (e.g.
+        {"hidden_size": 64, "depth": 2, "num_heads": 2} for a small DiT on 8×8 digits).
+    compile: torch.compile the model the loss calls (the loss itself is graph-break-free).
+    checkpoint_activations: recompute each DiT block in the backward pass (DiT models only).
+    tf32: TF32 matmuls and convolutions on CUDA (float32 weights; no effect on the CPU).
+    fused_optimizer: the fused AdamW kernel on CUDA (no effect on the CPU).
     """
 
     data: str = "digits"
@@ -178,6 +206,12 @@ class TrainConfig:
     device: str = "auto"
     on_nan: str = "stop"
     keep: int = 2
+    model: str = "auto"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    compile: bool = False
+    checkpoint_activations: bool = False
+    tf32: bool = True
+    fused_optimizer: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
@@ -215,6 +249,18 @@ class TrainConfig:
         check_choice("device", self.device, DEVICE_CHOICES)
         check_choice("on_nan", self.on_nan, ON_NAN_CHOICES)
         check_positive_int("keep", self.keep)
+        check_choice("model", self.model, MODEL_CHOICES)
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(key, str) for key in self.model_kwargs):
+            raise TypeError(f"model_kwargs must be a dict of argument names to values, got {self.model_kwargs!r}")
+        if self.model not in ("auto", "mlp", "conv") and (self.width is not None or self.depth is not None):
+            raise ValueError(
+                f"width and depth size the mlp and conv models; size model={self.model!r} with model_kwargs"
+            )
+        for name in ("compile", "checkpoint_activations", "tf32", "fused_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.checkpoint_activations and self.model not in DIT_MODELS:
+            raise ValueError(f"checkpoint_activations applies to the DiT models, not model={self.model!r}")
 
 
 @dataclass(frozen=True)
@@ -293,25 +339,10 @@ def build_net(config: TrainConfig, data: DataInfo, mixed_precision: str | None =
 
     mixed_precision: the backbone's autocast dtype (Preconditioner's argument), None for float32.
     """
-    width, depth = (
-        config.width or _DEFAULT_SIZES[data.kind][0],
-        config.depth or _DEFAULT_SIZES[data.kind][1],
-    )
     label_dim = data.num_classes if config.conditional else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if data.kind == "vector":
-            backbone = MLPBackbone(data.shape[0], hidden=width, depth=depth, label_dim=label_dim)
-        else:
-            channels, height, image_width = data.shape
-            if height != image_width or height % ConvBackbone.PATCH:
-                raise ValueError(
-                    f"data {data.name}: images are {height}×{image_width}; the conv backbone needs square images "
-                    f"with an even side"
-                )
-            backbone = ConvBackbone(
-                channels, height, channels=width, num_blocks=depth, label_dim=label_dim, dropout=config.dropout
-            )
+        backbone = _build_backbone(config, data, label_dim)
     return Preconditioner(
         backbone,
         config.schedule,
@@ -323,6 +354,55 @@ def build_net(config: TrainConfig, data: DataInfo, mixed_precision: str | None =
         label_dim=label_dim,
         mixed_precision=mixed_precision,
     )
+
+
+def _build_backbone(config: TrainConfig, data: DataInfo, label_dim: int) -> nn.Module:
+    model = config.model if config.model != "auto" else ("conv" if data.kind == "image" else "mlp")
+    width = config.width or _DEFAULT_SIZES[data.kind][0]
+    depth = config.depth or _DEFAULT_SIZES[data.kind][1]
+    kwargs = dict(config.model_kwargs)
+    if model == "mlp":
+        if data.kind != "vector":
+            raise ValueError(f"model 'mlp' takes vector data; {data.name} holds {data.kind}s of shape {data.shape}")
+        return MLPBackbone(data.shape[0], **{"hidden": width, "depth": depth, "label_dim": label_dim, **kwargs})
+    if data.kind != "image":
+        raise ValueError(f"model {model!r} takes images or latents (C, H, W); {data.name} holds vectors")
+    channels, height, image_width = data.shape
+    if height != image_width:
+        raise ValueError(f"data {data.name}: images are {height}×{image_width}; model {model!r} needs square ones")
+    # The fused ops' backend follows the loss's: "torch" runs every reference, any other choice the fused ops.
+    ops_backend = "torch" if config.backend == "torch" else "triton" if config.backend == "triton" else "auto"
+    if model == "conv":
+        if height % ConvBackbone.PATCH:
+            raise ValueError(f"data {data.name}: the conv backbone needs an even image side, got {height}")
+        conv = {"channels": width, "num_blocks": depth, "label_dim": label_dim, "dropout": config.dropout}
+        return ConvBackbone(channels, height, **{**conv, **kwargs})
+    if model == "songunet":
+        return SongUNet(
+            **{
+                "img_resolution": height,
+                "in_channels": channels,
+                "label_dim": label_dim,
+                "dropout": config.dropout,
+                "backend": ops_backend,
+                **kwargs,
+            }
+        )
+    size, patch = DIT_MODELS[model]
+    depth, hidden_size, num_heads = DIT_SIZES[size]
+    dit = {
+        "input_size": height,
+        "in_channels": channels,
+        "patch_size": patch,
+        "depth": depth,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "num_classes": label_dim,
+        "dropout": config.dropout,
+        "backend": ops_backend,
+        "checkpoint_activations": config.checkpoint_activations,
+    }
+    return DiT(**{**dit, **kwargs})
 
 
 def _nvtx_range_factory():
@@ -408,8 +488,10 @@ class Trainer:
             raise ValueError(f"conditional=True but the data {train_data.name} has no class labels")
         if config.sigma_data is None:
             config = dataclasses.replace(config, sigma_data=round(train_data.x.std().item(), 4))
-        width, depth = _DEFAULT_SIZES[train_data.kind]
-        self.config = dataclasses.replace(config, width=config.width or width, depth=config.depth or depth)
+        if config.model in ("auto", "mlp", "conv"):
+            width, depth = _DEFAULT_SIZES[train_data.kind]
+            config = dataclasses.replace(config, width=config.width or width, depth=config.depth or depth)
+        self.config = config
         self.data_info = DataInfo.of(train_data)
         self.train_x = train_data.x.to(self.device)
         self.train_labels = (
@@ -419,6 +501,9 @@ class Trainer:
         use_bf16 = self.config.mixed_precision == "bf16" or (
             self.config.mixed_precision == "auto" and self.device.type == "cuda"
         )
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.config.tf32
+            torch.backends.cudnn.allow_tf32 = self.config.tf32
         self.net = build_net(self.config, self.data_info, "bf16" if use_bf16 else None).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if self.process.is_main else None
         distributed = world_size > 1 and dist.is_initialized()
@@ -429,6 +514,8 @@ class Trainer:
             if distributed
             else self.net
         )
+        if self.config.compile:
+            self.model = torch.compile(self.model)
         self.loss_fn = IMMLoss(
             self.model,
             self.config.group_size,
@@ -438,8 +525,9 @@ class Trainer:
             label_dropout=self.config.label_dropout if self.config.conditional else 0.0,
             backend=self.config.backend,
         )
+        fused = self.config.fused_optimizer and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+            self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused or None
         )
         self.step = 0
         self.progress = progress
@@ -702,9 +790,9 @@ class Trainer:
         """EMA samples as a PNG: images at 1/2/4/8 steps (a row each), 2-D points as a 1-step scatter plot.
 
         The prior draws come from config.seed, so the images of a run compare across steps.
-        Other vector data (e.g. latents) have no picture; nothing is written for them.
+        Latents (vectors, or images of other than 1 or 3 channels) have no picture; nothing is written for them.
         """
-        if self.data_info.kind == "image":
+        if self.data_info.kind == "image" and self.data_info.shape[0] in (1, 3):
             return save_steps_grid(self.ema, path, self.data_info.shape, seed=self.config.seed)
         if self.data_info.shape == (2,):
             return save_points_scatter(self.ema, path, 1, seed=self.config.seed)

@@ -31,7 +31,8 @@ def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tm
     assert "FD" not in printed.out  # the digits table is for digits only
 
     err = cli_fails(capsys, "train", "--resume", str(out), "--lr", "0.1")
-    assert "only steps, sample_every, ckpt_every, log_every, on_nan, keep can change, got lr" in err
+    assert "only steps, sample_every, ckpt_every, log_every, on_nan, keep, compile, checkpoint_activations, " in err
+    assert "tf32, fused_optimizer can change, got lr" in err
     err = cli_fails(capsys, *"train --data toy2d --steps 2 --out".split(), str(out), *TINY)
     assert "already holds a run" in err
 
@@ -127,7 +128,7 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
     from imm_kernels.sampling import GRID_KINDS, SAMPLERS
     from imm_kernels.sampling.latency import BENCH_MODELS, PRECISIONS
     from imm_kernels.schedules import SCHEDULE_NAMES
-    from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES, ON_NAN_CHOICES
+    from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES, MODEL_CHOICES, ON_NAN_CHOICES
 
     expected = {
         "train": {
@@ -138,6 +139,7 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
             "--mixed-precision": MIXED_PRECISION_CHOICES,
             "--device": DEVICE_CHOICES,
             "--on-nan": ON_NAN_CHOICES,
+            "--model": MODEL_CHOICES,
         },
         "sample": {"--sampler": SAMPLERS, "--grid": GRID_KINDS, "--device": DEVICE_CHOICES},
         "bench-sampling": {"--model": BENCH_MODELS, "--precision": PRECISIONS},

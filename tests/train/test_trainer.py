@@ -101,7 +101,9 @@ def test_checkpoint_files_and_config_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         find_checkpoint(tmp_path / "samples")
     with pytest.raises(
-        ValueError, match=r"only \['ckpt_every', 'keep', 'log_every', 'on_nan', 'sample_every', 'steps'\]"
+        ValueError,
+        match=r"only \['checkpoint_activations', 'ckpt_every', 'compile', 'fused_optimizer', 'keep', 'log_every', "
+        r"'on_nan', 'sample_every', 'steps', 'tf32'\] can change on resume, got \['lr'\]",
     ):
         Trainer.resume(tmp_path, lr=1.0)
 
