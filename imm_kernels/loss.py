@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +20,34 @@ from .validation import (
     check_time_range,
 )
 
-__all__ = ["IMMLoss"]
+__all__ = ["IMMLoss", "IMMDraws"]
+
+
+@dataclass(frozen=True)
+class IMMDraws:
+    """The random draws of one IMMLoss call: times (s, r, t) per group, the label-dropout keep mask
+    per sample (None without label dropout) and the standard normal noise (B, *feature).
+
+    Drawn once for a whole step and sliced by groups (`groups`), they let gradient accumulation
+    compute exactly the loss of the whole batch, micro-batch by micro-batch.
+    """
+
+    s: Tensor
+    r: Tensor
+    t: Tensor
+    keep: Tensor | None
+    noise: Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.t.shape[0]
+
+    def groups(self, start: int, stop: int) -> IMMDraws:
+        """The draws of groups start..stop-1 (their particles' rows of keep and noise)."""
+        group_size = self.noise.shape[0] // self.num_groups
+        rows = slice(start * group_size, stop * group_size)
+        keep = None if self.keep is None else self.keep[rows]
+        return IMMDraws(self.s[start:stop], self.r[start:stop], self.t[start:stop], keep, self.noise[rows])
 
 
 def _unwrap(net: nn.Module) -> Preconditioner:
@@ -124,12 +153,30 @@ class IMMLoss(nn.Module):
         # the formula itself reads 0·inf there.
         return torch.where(t > 0, weight, 0.0)
 
-    def forward(self, x: Tensor, class_labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def draw(self, x: Tensor) -> IMMDraws:
+        """The random draws of a call on a batch shaped like x, in the order `forward` draws them."""
+        batch_size = x.shape[0]
+        s, r, t = self.sample_times(batch_size // self.group_size, x.device)
+        keep = torch.rand(batch_size, device=x.device) >= self.label_dropout if self.label_dropout > 0 else None
+        noise_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+        return IMMDraws(s, r, t, keep, torch.randn(x.shape, dtype=noise_dtype, device=x.device))
+
+    def forward(
+        self,
+        x: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        draws: IMMDraws | None = None,
+        groups_in_step: int | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss for a batch of data x (B = G·group_size, consecutive rows form a group).
 
         Random draws, in order: `sample_times`, the label-dropout uniforms (B, only when
-        label_dropout > 0), the noise (randn_like(x)), then whatever the net draws (dropout),
-        replayed for the target pass.
+        label_dropout > 0), the noise (standard normal, x's shape), then whatever the net draws
+        (dropout), replayed for the target pass. `draws` gives them instead (see `IMMDraws`).
+        groups_in_step: the number of groups the loss is averaged over (default: this batch's G);
+            the micro-batches of an accumulated step pass the step's, so that their losses add up
+            to the whole batch's.
 
         Returns:
             (loss, stats): the scalar loss, and detached (G,) tensors "s", "r", "t",
@@ -142,18 +189,25 @@ class IMMLoss(nn.Module):
             raise ValueError(f"the batch size {batch_size} is not divisible by group_size={self.group_size}")
         num_groups = batch_size // self.group_size
         net = self.precond
+        if draws is None:
+            draws = self.draw(x)
+        elif draws.num_groups != num_groups or draws.noise.shape != x.shape:
+            raise ValueError(
+                f"draws are for {draws.num_groups} groups of noise {tuple(draws.noise.shape)}, "
+                f"the batch has {num_groups} groups of {tuple(x.shape)}"
+            )
+        groups_in_step = num_groups if groups_in_step is None else check_positive_int("groups_in_step", groups_in_step)
 
-        s, r, t = self.sample_times(num_groups, x.device)
+        s, r, t = draws.s, draws.r, draws.t
         labels = net.as_one_hot(class_labels, batch_size, x.device)
-        if self.label_dropout > 0:
-            keep = torch.rand(batch_size, device=x.device) >= self.label_dropout
-            labels = labels * keep[:, None]
+        if draws.keep is not None:
+            labels = labels * draws.keep[:, None]
 
         # Coefficients from the float32 times in float64, rounded once to the data's compute dtype.
         s64, r64, t64 = s.double(), r.double(), t.double()
         schedule = net.schedule
         x = x.float() if x.dtype != torch.float64 else x
-        noise = torch.randn_like(x) * net.sigma_data
+        noise = draws.noise.to(x.dtype) * net.sigma_data
         x_t = self._per_particle(schedule.alpha(t64), x) * x + self._per_particle(schedule.sigma(t64), x) * noise
         x_r = self._per_particle(schedule.alpha(r64), x) * x + self._per_particle(schedule.sigma(r64), x) * noise
         s_p, r_p, t_p = (v.repeat_interleave(self.group_size) for v in (s, r, t))
@@ -174,7 +228,7 @@ class IMMLoss(nn.Module):
             target,
             self.group_size,
             self.kernel_bandwidth(s64, t64),
-            weight / num_groups,
+            weight / groups_in_step,
             reduction="none",
             backend=self.backend,
         )
@@ -183,7 +237,7 @@ class IMMLoss(nn.Module):
             "r": r,
             "t": t,
             "time_weight": weight.to(terms.dtype),
-            "weighted_mmd": terms.detach() * num_groups,
+            "weighted_mmd": terms.detach() * groups_in_step,
         }
         return terms.sum(), stats
 

@@ -129,6 +129,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     )
     option("--tf32", "TF32 matmuls and convolutions on CUDA", action=argparse.BooleanOptionalAction)
     option("--fused-optimizer", "the fused AdamW kernel on CUDA", action=argparse.BooleanOptionalAction)
+    option("--accum", "gradient accumulation: micro-batches per step (each whole groups)", type=int)
     option("--keep", "complete checkpoints kept in OUT/checkpoints (the newest)", type=int)
 
 

@@ -172,6 +172,9 @@ class TrainConfig:
     checkpoint_activations: recompute each DiT block in the backward pass (DiT models only).
     tf32: TF32 matmuls and convolutions on CUDA (float32 weights; no effect on the CPU).
     fused_optimizer: the fused AdamW kernel on CUDA (no effect on the CPU).
+    accum: gradient accumulation: each rank's batch runs as this many micro-batches of whole
+        groups (a step's random draws are made once for the whole batch, so the loss and
+        gradients are the whole batch's, up to summation order, when the backbone has no dropout).
     """
 
     data: str = "digits"
@@ -212,6 +215,7 @@ class TrainConfig:
     checkpoint_activations: bool = False
     tf32: bool = True
     fused_optimizer: bool = True
+    accum: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
@@ -259,6 +263,7 @@ class TrainConfig:
         for name in ("compile", "checkpoint_activations", "tf32", "fused_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_positive_int("accum", self.accum)
         if self.checkpoint_activations and self.model not in DIT_MODELS:
             raise ValueError(f"checkpoint_activations applies to the DiT models, not model={self.model!r}")
 
@@ -475,6 +480,11 @@ class Trainer:
                 f"{config.group_size} × {world_size}, so that every rank gets whole groups"
             )
         self.local_batch = config.batch // world_size
+        if (self.local_batch // config.group_size) % config.accum:
+            raise ValueError(
+                f"accum={config.accum} must divide each rank's {self.local_batch // config.group_size} groups "
+                f"(batch {config.batch} / {world_size} rank(s) / group_size {config.group_size})"
+            )
         self.out_dir = None if out_dir is None else Path(out_dir)
         if self.out_dir is not None and not overwrite and holds_run(self.out_dir):
             raise ValueError(
@@ -562,18 +572,47 @@ class Trainer:
         return torch.cat(parts)
 
     def compute_loss_and_gradients(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of this rank's batch at `step`, and the gradients in .grad (DDP-averaged when distributed)."""
+        """Loss of this rank's batch at `step`, and the gradients in .grad (DDP-averaged when distributed).
+
+        With config.accum = N the batch runs as N micro-batches of whole groups, backward after
+        each (DDP syncs after the last only). The step's random draws are made once for the whole
+        batch and sliced, so the loss is the whole batch's (up to summation order), not N others.
+        """
         with self._nvtx("data"):
             indices = self.batch_indices(step)
             x = self.train_x[indices]
             labels = None if self.train_labels is None else self.train_labels[indices]
         torch.manual_seed(_derived_seed(self.config.seed, _STEP_DRAWS_STREAM, self.process.rank, step))
-        with self._nvtx("forward"):
-            loss, stats = self.loss_fn(x, labels)
-        with self._nvtx("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        return loss.detach(), stats
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = self.config.accum
+        if accum == 1:
+            with self._nvtx("forward"):
+                loss, stats = self.loss_fn(x, labels)
+            with self._nvtx("backward"):
+                loss.backward()
+            return loss.detach(), stats
+        draws = self.loss_fn.draw(x)
+        groups = draws.num_groups
+        per_micro = groups // accum
+        total, parts = None, []
+        for micro in range(accum):
+            start, stop = micro * per_micro, (micro + 1) * per_micro
+            rows = slice(start * self.config.group_size, stop * self.config.group_size)
+            is_last = micro == accum - 1
+            sync = contextlib.nullcontext() if is_last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._nvtx("forward"):
+                    loss, stats = self.loss_fn(
+                        x[rows],
+                        None if labels is None else labels[rows],
+                        draws=draws.groups(start, stop),
+                        groups_in_step=groups,
+                    )
+                with self._nvtx("backward"):
+                    loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            parts.append(stats)
+        return total, {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up to config.lr over config.warmup steps, then constant."""

@@ -161,3 +161,20 @@ def test_backbones_that_do_not_fit_the_data(tmp_path, capsys):
     assert "expected a JSON object" in err
     err = cli_fails(capsys, "train", "--model", "dit-s2", "--model-kwargs", '{"patch_size": 3}', "--out", str(tmp_path))
     assert "input_size (8) must be a multiple of patch_size (3)" in err
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    """The step's draws (times, label dropout, noise) are made once and sliced, so two micro-batches
+    compute the whole batch's loss; only the order of the sums differs (float32 rounding: rtol 1e-5).
+    No backbone dropout here: its masks are drawn per forward call, so they would differ."""
+    config = TrainConfig(conditional=True, label_dropout=0.3, **{**DIGITS, "batch": 32, "width": 16, "depth": 1})
+    whole = Trainer(config, progress=False)
+    split = Trainer(TrainConfig(**{**config.__dict__, "accum": 2}), progress=False)
+    for trainer in (whole, split):
+        randomise_output_layers(trainer)
+    (loss, grads), (loss_split, grads_split) = gradients(whole, step=5), gradients(split, step=5)
+    torch.testing.assert_close(loss_split, loss, rtol=1e-5, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_split[name], grads[name], rtol=1e-5, atol=1e-8, msg=name)
+    with pytest.raises(ValueError, match=r"accum=3 must divide each rank's 8 groups"):
+        Trainer(TrainConfig(**{**config.__dict__, "accum": 3}), progress=False)
