@@ -33,7 +33,7 @@ TEST_TIMEOUT_S=150  # per test, where pytest-timeout is installed: one hung test
 # other machines until a GPU run measures them: first-contact records how long torch.compile took
 # for the MMD and adaLN references and the 8-step DiT-XL/2 sampler. A chunk stopped at the budget
 # keeps its finished rows; run the rest with `bench` and -k.
-BENCH_CHUNKS=11
+BENCH_CHUNKS=14
 bench_chunk() {  # bench_chunk N: sets chunk_env, chunk_args, chunk_estimate; fails for an unknown N
     chunk_env=()
     case "$1" in
@@ -55,6 +55,12 @@ bench_chunk() {  # bench_chunk N: sets chunk_env, chunk_args, chunk_estimate; fa
             chunk_args=(benchmarks/bench_sampling.py -k "dit-xl2-1-8-no-cfg") ;;
         11) chunk_estimate="6.5 min: 1 eight-step DiT-XL/2 sampler compile"
             chunk_args=(benchmarks/bench_sampling.py -k "dit-xl2-1-8-cfg") ;;
+        12) chunk_estimate="5.5 min: 2 DiT-S/2 training-step compiles"
+            chunk_args=(benchmarks/bench_train.py -k "not DiT-XL/2") ;;
+        13) chunk_estimate="5.5 min: 1 DiT-XL/2 training-step compile"
+            chunk_args=(benchmarks/bench_train.py -k "DiT-XL/2 and not imm_kernels") ;;
+        14) chunk_estimate="5.5 min: 1 DiT-XL/2 training-step compile"
+            chunk_args=(benchmarks/bench_train.py -k "DiT-XL/2 and imm_kernels") ;;
         *) return 1 ;;
     esac
 }

@@ -101,7 +101,7 @@ STAGE_FILES = [
     "benchmarks/conftest.py",
     "benchmarks/timing.py",
     "benchmarks/first_contact.py",
-    *(f"benchmarks/bench_{op}.py" for op in ("mmd", "timestep", "adaln", "dit", "sampling")),
+    *(f"benchmarks/bench_{op}.py" for op in ("mmd", "timestep", "adaln", "dit", "sampling", "train")),
 ]
 
 

@@ -20,6 +20,7 @@ from .dit import (
     LabelEmbedder,
     TimestepEmbedder,
 )
+from .flops import dit_forward_flops, imm_training_step_flops, mfu, peak_bf16_flops
 from .small import ConvBackbone, MLPBackbone
 from .unet import SongUNet, UNetBlock
 
@@ -28,6 +29,10 @@ BACKBONES = {"DiT": DiT, "SongUNet": SongUNet, "MLPBackbone": MLPBackbone, "Conv
 
 __all__ = [
     "BACKBONES",
+    "dit_forward_flops",
+    "imm_training_step_flops",
+    "mfu",
+    "peak_bf16_flops",
     "ConvBackbone",
     "MLPBackbone",
     "SongUNet",
