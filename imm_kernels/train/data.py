@@ -14,6 +14,7 @@ stratified.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -180,6 +181,23 @@ def _sample_toy2d(*, seed: int, toy: str = "checkerboard", num_samples: int = 10
 
 def _load_image_folder(root: Path) -> Dataset:
     """Images of one size; labelled by top-level subfolder when every image is in one."""
+    files, class_of_file = _image_folder_files(root)
+    pixels, first = [], None
+    for path in files:
+        image = _read_image(path)
+        if first is None:
+            first = (path, image.size)
+        elif image.size != first[1]:
+            raise _image_size_error(root, first[0], first[1], path, image.size)
+        pixels.append(image)
+    mode = "L" if all(image.mode in _GRAYSCALE_MODES for image in pixels) else "RGB"
+    x = _image_pixels([image.convert(mode) for image in pixels])
+    labels, num_classes = _folder_labels(class_of_file)
+    return Dataset(x, labels, num_classes, "image", str(root))
+
+
+def _image_folder_files(root: Path) -> tuple[list[Path], list[str | None]]:
+    """A folder's image files, sorted, and each one's class subfolder (None for images at the top level)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images found in this folder or its subfolders")
@@ -190,31 +208,31 @@ def _load_image_folder(root: Path) -> Dataset:
             f"{root}: has images both at the top level (e.g. {at_top[0].name}) and in subfolders; "
             "put every image in a class subfolder (labelled) or none (unlabelled)"
         )
+    return files, class_of_file
 
-    pixels, first = [], None
-    for path in files:
-        image = _read_image(path)
-        if first is None:
-            first = (path, image.size)
-        elif image.size != first[1]:
-            raise DataFileError(
-                f"{root}: images differ in size: {first[0].name} is {first[1][0]}×{first[1][1]} but "
-                f"{path.name} is {image.size[0]}×{image.size[1]} (width×height); resize them to one size"
-            )
-        pixels.append(image)
-    mode = "L" if all(image.mode in _GRAYSCALE_MODES for image in pixels) else "RGB"
-    arrays = np.stack([np.asarray(image.convert(mode)) for image in pixels])
-    if mode == "L":
+
+def _image_size_error(root: Path, first: Path, first_size, path: Path, size) -> DataFileError:
+    return DataFileError(
+        f"{root}: images differ in size: {first.name} is {first_size[0]}×{first_size[1]} but "
+        f"{path.name} is {size[0]}×{size[1]} (width×height); resize them to one size"
+    )
+
+
+def _image_pixels(images) -> Tensor:
+    """(N, C, H, W) float32 in [-1, 1] from PIL images of one size, all in mode "L" or all "RGB"."""
+    arrays = np.stack([np.asarray(image) for image in images])
+    if arrays.ndim == 3:
         arrays = arrays[..., None]
-    x = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
-    labels, num_classes = None, 0
-    if not at_top:
-        class_names = sorted(set(class_of_file))
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = torch.tensor([index[c] for c in class_of_file], dtype=torch.long)
-        num_classes = len(class_names)
-    return Dataset(x, labels, num_classes, "image", str(root))
+
+def _folder_labels(class_of_file: list[str | None]) -> tuple[Tensor | None, int]:
+    """(labels, num_classes): class subfolders numbered in sorted order, or (None, 0) when unlabelled."""
+    if None in class_of_file:
+        return None, 0
+    class_names = sorted(set(class_of_file))
+    index = {name: i for i, name in enumerate(class_names)}
+    return torch.tensor([index[c] for c in class_of_file], dtype=torch.long), len(class_names)
 
 
 def _read_image(path: Path):
@@ -226,27 +244,14 @@ def _read_image(path: Path):
     """
     from PIL import Image
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            with image:
-                width, height = image.size
-                if max(width, height) > MAX_IMAGE_SIDE:
-                    raise DataFileError(
-                        f"{path}: image is {width}×{height}; training images may be at most {MAX_IMAGE_SIDE} "
-                        "pixels on a side: resize them"
-                    )
-                # A camera JPEG's extra MPO frames (previews, depth) are no animation: its first frame is the photo.
-                if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
-                    raise DataFileError(f"{path}: an animation of {image.n_frames} frames; save one frame per file")
-                image.load()
-    except DataFileError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataFileError(f"{path}: too many pixels to decode safely ({err})") from err
-    except _IMAGE_FILE_ERRORS as err:
-        raise DataFileError(f"{path}: unreadable image ({err})") from err
+    with _image_file_errors(path):
+        image = Image.open(path)
+        with image:
+            _check_image_side(path, image.size)
+            # A camera JPEG's extra MPO frames (previews, depth) are no animation: its first frame is the photo.
+            if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+                raise DataFileError(f"{path}: an animation of {image.n_frames} frames; save one frame per file")
+            image.load()
     if image.mode.startswith(("I", "F")):
         raise DataFileError(f"{path}: {image.mode} images (16-bit or float) are not supported; save as 8-bit")
     if "A" in image.getbands() or "transparency" in image.info:
@@ -259,6 +264,41 @@ def _read_image(path: Path):
     return image
 
 
+def _read_image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(width, height) and PIL mode of an image file, from its header (no decoding); errors as _read_image's."""
+    from PIL import Image
+
+    with _image_file_errors(path), Image.open(path) as image:
+        _check_image_side(path, image.size)
+        return image.size, image.mode
+
+
+@contextlib.contextmanager
+def _image_file_errors(path: Path):
+    """Turns what opening or decoding `path` raises, and PIL's decompression-bomb warning, into DataFileErrors."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except DataFileError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataFileError(f"{path}: too many pixels to decode safely ({err})") from err
+    except _IMAGE_FILE_ERRORS as err:
+        raise DataFileError(f"{path}: unreadable image ({err})") from err
+
+
+def _check_image_side(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise DataFileError(
+            f"{path}: image is {width}×{height}; training images may be at most {MAX_IMAGE_SIDE} "
+            "pixels on a side: resize them"
+        )
+
+
 def _load_array_file(path: Path) -> Dataset:
     """(N, D) vectors or (N, C, H, W) images/latents.
 
@@ -266,15 +306,7 @@ def _load_array_file(path: Path) -> Dataset:
     used as they are (latents come already scaled by their VAE's factor).
     """
     array, labels = _read_array_file(path)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise DataFileError(f"{path}: array has dtype {array.dtype}; expected real numbers (float or integer)")
-    if array.ndim not in (2, 4):
-        raise DataFileError(
-            f"{path}: array has shape {array.shape}; expected (N, D) vectors or (N, C, H, W) images "
-            "(add a channel axis to (N, H, W) images)"
-        )
-    if array.shape[0] == 0 or array[0].size == 0:
-        raise DataFileError(f"{path}: array of shape {array.shape} is empty")
+    _check_array_layout(path, array.dtype, array.shape)
     if array.dtype == np.uint8:
         x = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
     else:
@@ -282,25 +314,37 @@ def _load_array_file(path: Path) -> Dataset:
             x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not torch.isfinite(x).all():
         raise DataFileError(f"{path}: array contains NaN or infinite values (or values beyond float32)")
-
-    num_classes = 0
-    if labels is not None:
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise DataFileError(f"{path}: labels 'y' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
-        if labels.shape[0] != array.shape[0]:
-            raise DataFileError(
-                f"{path}: labels 'y' has {labels.shape[0]} entries but the data has {array.shape[0]} rows"
-            )
-        if labels.min() < 0:
-            raise DataFileError(f"{path}: labels 'y' must be >= 0, got min {labels.min()}")
-        if labels.max() >= MAX_NUM_CLASSES:
-            raise DataFileError(
-                f"{path}: labels 'y' go up to {labels.max()}, but class indices must be below {MAX_NUM_CLASSES} "
-                "(the model's label table grows with the class count); number the classes 0, 1, 2, ..."
-            )
-        labels = torch.from_numpy(labels.astype(np.int64))
-        num_classes = int(labels.max()) + 1
+    labels, num_classes = (None, 0) if labels is None else _checked_labels(path, labels, array.shape[0])
     return Dataset(x, labels, num_classes, "image" if x.dim() == 4 else "vector", str(path))
+
+
+def _check_array_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Real numbers, (N, D) or (N, C, H, W), not empty: what an array's header tells."""
+    if dtype == np.bool_ or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise DataFileError(f"{path}: array has dtype {dtype}; expected real numbers (float or integer)")
+    if len(shape) not in (2, 4):
+        raise DataFileError(
+            f"{path}: array has shape {shape}; expected (N, D) vectors or (N, C, H, W) images "
+            "(add a channel axis to (N, H, W) images)"
+        )
+    if shape[0] == 0 or math.prod(shape[1:]) == 0:
+        raise DataFileError(f"{path}: array of shape {shape} is empty")
+
+
+def _checked_labels(path: Path, labels: np.ndarray, num_rows: int) -> tuple[Tensor, int]:
+    """(int64 labels, num_classes) from a file's 'y' array, or a DataFileError naming the file."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataFileError(f"{path}: labels 'y' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if labels.shape[0] != num_rows:
+        raise DataFileError(f"{path}: labels 'y' has {labels.shape[0]} entries but the data has {num_rows} rows")
+    if labels.min() < 0:
+        raise DataFileError(f"{path}: labels 'y' must be >= 0, got min {labels.min()}")
+    if labels.max() >= MAX_NUM_CLASSES:
+        raise DataFileError(
+            f"{path}: labels 'y' go up to {labels.max()}, but class indices must be below {MAX_NUM_CLASSES} "
+            "(the model's label table grows with the class count); number the classes 0, 1, 2, ..."
+        )
+    return torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1
 
 
 def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

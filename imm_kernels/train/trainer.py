@@ -52,6 +52,7 @@ from .. import __version__
 from ..loss import IMMLoss
 from ..models import ConvBackbone, DiT, MLPBackbone, SongUNet
 from ..models.dit import DIT_SIZES
+from ..models.flops import imm_training_step_flops, mfu, peak_bf16_flops
 from ..ops.backends import BACKEND_NAMES
 from ..precond import Preconditioner, check_parameterisation
 from ..validation import (
@@ -121,6 +122,8 @@ WEIGHT_RMS_LIMIT = 1e6
 # --on-nan skip stops as diverged after this many non-finite batches in a row: bad batches are
 # rare, a run that produces nothing else has diverged.
 MAX_CONSECUTIVE_SKIPS = 25
+# Bins of t for the loss-by-time diagnostic in log.jsonl.
+TIME_BINS = 4
 # EMA warm-up: the decay used at step n is min(ema_decay, (1 + n)/(10 + n)), so the average
 # covers about the last tenth of the steps until it reaches the 1/(1 - ema_decay) horizon.
 _EMA_RAMP = 10
@@ -426,6 +429,75 @@ def _nvtx_range_factory():
     return lambda name: contextlib.nullcontext()
 
 
+class _PhaseClock:
+    """Time per step phase (data, forward, backward, optimizer, ema), inside the phase's NVTX range.
+
+    On CUDA it records event pairs and sums them when read (at a log line, where the host waits
+    anyway); on a CPU it adds perf_counter intervals.
+    """
+
+    STEP_PHASES = ("data", "forward", "backward", "optimizer", "ema")
+
+    def __init__(self, device: torch.device) -> None:
+        self._nvtx = _nvtx_range_factory()
+        self._cuda = device.type == "cuda"
+        self._seconds: dict[str, float] = {}
+        self._events: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with self._nvtx(name):
+            if name not in self.STEP_PHASES:
+                yield
+                return
+            if self._cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+                self._events.append((name, start, end))
+            else:
+                began = time.perf_counter()
+                yield
+                self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - began
+
+    def read_ms(self, steps: int) -> dict[str, float]:
+        """Milliseconds per step of each phase since the last read; resets."""
+        seconds = dict(self._seconds)
+        if self._events:
+            torch.cuda.synchronize()
+            for name, start, end in self._events:
+                seconds[name] = seconds.get(name, 0.0) + start.elapsed_time(end) / 1000
+        self._seconds, self._events = {}, []
+        return {name: round(1000 * value / max(steps, 1), 3) for name, value in seconds.items()}
+
+
+class _TimeBins:
+    """The IMM paper's diagnostic: the weighted MMD² averaged per bin of t, accumulated on the device."""
+
+    def __init__(self, eps: float, T: float, device: torch.device, num_bins: int = TIME_BINS) -> None:
+        self.edges = torch.linspace(eps, T, num_bins + 1, dtype=torch.float64)
+        self._inner = self.edges[1:-1].to(device=device, dtype=torch.float32)
+        self._sums = torch.zeros(num_bins, dtype=torch.float64, device=device)
+        self._counts = torch.zeros(num_bins, dtype=torch.float64, device=device)
+
+    def add(self, t: Tensor, weighted_mmd: Tensor) -> None:
+        index = torch.bucketize(t.float(), self._inner, right=True)
+        self._sums.index_add_(0, index, weighted_mmd.detach().double())
+        self._counts.index_add_(0, index, torch.ones_like(self._counts[index]))
+
+    def read(self) -> tuple[dict[str, float | None], dict[str, int]]:
+        """({"lo-hi": mean weighted MMD² of the groups drawn there, None where none}, {"lo-hi": their
+        number}) since the last read; resets."""
+        sums, counts = self._sums.tolist(), self._counts.tolist()
+        self._sums.zero_()
+        self._counts.zero_()
+        edges = self.edges.tolist()
+        names = [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(edges[:-1], edges[1:])]
+        means = {name: (total / count if count else None) for name, total, count in zip(names, sums, counts)}
+        return means, {name: int(count) for name, count in zip(names, counts)}
+
+
 def _derived_seed(seed: int, *key: int) -> int:
     """A well-mixed 63-bit seed for the stream `key` of a run (distinct keys give independent streams)."""
     state = np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]
@@ -541,9 +613,11 @@ class Trainer:
         )
         self.step = 0
         self.progress = progress
-        self._nvtx = _nvtx_range_factory()
+        self._nvtx = _PhaseClock(self.device)
         self._epoch_orders: dict[int, Tensor] = {}
         self._reset_divergence_watch()
+        self._time_bins = _TimeBins(self.loss_fn.eps, self.loss_fn.T, self.device)
+        self._throughput = _throughput_model(self.net.backbone, self.device)
 
     # Data and randomness: functions of (seed, step, rank) only.
 
@@ -625,7 +699,7 @@ class Trainer:
         as TrainingDiverged at the next log line or checkpoint (`check_divergence`); with
         on_nan="skip" the batch is skipped instead (no update), which reads the flag every step.
         """
-        loss, _ = self.compute_loss_and_gradients(self.step)
+        loss, stats = self.compute_loss_and_gradients(self.step)
         with self._nvtx("optimizer"):
             params = [p for p in self.net.parameters() if p.grad is not None]
             max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
@@ -637,6 +711,7 @@ class Trainer:
                     return loss
                 self.consecutive_skips = 0
             self._watch(finite, loss)
+            self._time_bins.add(stats["t"], stats["weighted_mmd"])
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             self.optimizer.step()
@@ -769,14 +844,22 @@ class Trainer:
                 if log_now or sample_now or checkpoint_now:
                     self.check_divergence()  # every rank, at the same steps
                 if log_now and interval_losses:
+                    logged_steps = len(interval_losses)
                     last_loss = torch.stack(interval_losses).mean().item()
                     now = time.perf_counter()
                     samples_per_s = len(interval_losses) * config.batch / (now - interval_start)
                     interval_start, interval_losses = now, []
-                    bar.set_postfix(loss=f"{last_loss:.4g}", samples_per_s=f"{samples_per_s:.0f}")
+                    throughput = self._throughput(samples_per_s, self.process.world_size)
+                    shown = {"loss": f"{last_loss:.4g}", "samples_per_s": f"{samples_per_s:.0f}"}
+                    if "mfu" in throughput:
+                        shown["mfu"] = f"{throughput['mfu']:.1%}"
+                    bar.set_postfix(shown)
+                    step_ms = self._nvtx.read_ms(logged_steps)
+                    loss_by_t, groups_by_t = self._time_bins.read()
                     if self.is_logging:
                         record = {"step": self.step, "loss": last_loss, "lr": self.learning_rate(self.step - 1)}
-                        record["samples_per_s"] = samples_per_s
+                        record.update(samples_per_s=samples_per_s, **throughput, step_ms=step_ms)
+                        record.update(loss_by_t=loss_by_t, groups_by_t=groups_by_t)
                         if self.skipped_steps:
                             record["skipped_steps"] = self.skipped_steps
                         self._log(record)
@@ -804,10 +887,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         """One JSON line; non-finite numbers are written as null (bare NaN is not JSON)."""
-        clean = {
-            key: None if isinstance(value, float) and not math.isfinite(value) else value
-            for key, value in record.items()
-        }
+        clean = _finite_or_null(record)
         with open(self.out_dir / LOG_FILE, "a") as log:
             log.write(json.dumps(clean, allow_nan=False) + "\n")
 
@@ -952,6 +1032,34 @@ class Trainer:
         if trainer.is_logging and out_dir.resolve() != source_run.resolve():
             _copy_log(source_run / LOG_FILE, out_dir / LOG_FILE, trainer.step)
         return trainer
+
+
+def _finite_or_null(value):
+    """value with every non-finite float (also inside dicts and lists) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def _throughput_model(backbone: nn.Module, device: torch.device):
+    """samples/s -> {"tokens_per_s"} for a DiT, plus {"mfu"} on a GPU whose bf16 peak is known."""
+    if not isinstance(backbone, DiT):
+        return lambda samples_per_s, world_size: {}
+    tokens = (backbone.input_size // backbone.patch_size) ** 2
+    flops = imm_training_step_flops(backbone)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+    def measure(samples_per_s: float, world_size: int) -> dict:
+        figures = {"tokens_per_s": samples_per_s * tokens, "train_flops_per_sample": flops}
+        if peak:
+            figures["mfu"] = mfu(samples_per_s / world_size, flops, peak)
+        return figures
+
+    return measure
 
 
 class TrainingDiverged(RuntimeError):

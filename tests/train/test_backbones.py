@@ -9,11 +9,12 @@ tolerance, the line says why.
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
 
-from imm_kernels.models import DiT, SongUNet
+from imm_kernels.models import DiT, SongUNet, imm_training_step_flops
 from imm_kernels.train.trainer import TrainConfig, Trainer
 
 from helpers import cli_fails, run_cli
@@ -178,3 +179,24 @@ def test_gradient_accumulation_equals_the_whole_batch():
         torch.testing.assert_close(grads_split[name], grads[name], rtol=1e-5, atol=1e-8, msg=name)
     with pytest.raises(ValueError, match=r"accum=3 must divide each rank's 8 groups"):
         Trainer(TrainConfig(**{**config.__dict__, "accum": 3}), progress=False)
+
+
+def test_the_log_holds_throughput_the_step_phases_and_the_loss_by_time(tmp_path):
+    config = TrainConfig(model="dit-s2", model_kwargs=SMALL_DIT, steps=4, **{**DIGITS, "log_every": 2})
+    Trainer(config, tmp_path, progress=False).train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 16)  # (8/2)² tokens a sample
+        assert record["train_flops_per_sample"] == imm_training_step_flops(
+            DiT(input_size=8, in_channels=1, num_classes=0, **SMALL_DIT)
+        )
+        assert set(record["step_ms"]) == {"data", "forward", "backward", "optimizer", "ema"}
+        assert all(ms > 0 for ms in record["step_ms"].values())
+        # The bins split the logged loss: their group-weighted mean is it (4 groups x 2 steps).
+        counts, means = record["groups_by_t"], record["loss_by_t"]
+        assert list(counts) == ["0.000-0.248", "0.248-0.497", "0.497-0.746", "0.746-0.994"]
+        assert sum(counts.values()) == 8
+        pooled = sum(counts[name] * means[name] for name in counts if counts[name]) / 8
+        assert pooled == pytest.approx(record["loss"], rel=1e-5)  # float32 step losses vs float64 bin sums
+        assert "mfu" not in record  # a GPU figure
