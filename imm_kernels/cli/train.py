@@ -130,6 +130,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     option("--tf32", "TF32 matmuls and convolutions on CUDA", action=argparse.BooleanOptionalAction)
     option("--fused-optimizer", "the fused AdamW kernel on CUDA", action=argparse.BooleanOptionalAction)
     option("--accum", "gradient accumulation: micro-batches per step (each whole groups)", type=int)
+    option("--workers", "DataLoader processes for data streamed from disk (too large for memory)", type=int)
+    option("--flip", "mirror training images left-right at random", action=argparse.BooleanOptionalAction)
     option("--keep", "complete checkpoints kept in OUT/checkpoints (the newest)", type=int)
 
 

@@ -74,8 +74,9 @@ from .checkpoints import (
     write_checkpoint,
     write_json_durably,
 )
-from .data import Dataset, load_dataset
+from .data import Dataset
 from .sampling_helpers import save_points_scatter, save_steps_grid
+from .streaming import BatchLoader, InMemorySource, data_std, flip_mask, open_dataset
 
 __all__ = [
     "TrainConfig",
@@ -109,6 +110,7 @@ RESUMABLE_FIELDS = (
     "checkpoint_activations",
     "tf32",
     "fused_optimizer",
+    "workers",
 )
 LOG_FILE = "log.jsonl"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors"
@@ -122,6 +124,8 @@ WEIGHT_RMS_LIMIT = 1e6
 # --on-nan skip stops as diverged after this many non-finite batches in a row: bad batches are
 # rare, a run that produces nothing else has diverged.
 MAX_CONSECUTIVE_SKIPS = 25
+# Training data up to this size (float32) is kept on the device; larger data streams from its files.
+IN_MEMORY_LIMIT_BYTES = 2 << 30
 # Bins of t for the loss-by-time diagnostic in log.jsonl.
 TIME_BINS = 4
 # EMA warm-up: the decay used at step n is min(ema_decay, (1 + n)/(10 + n)), so the average
@@ -178,6 +182,10 @@ class TrainConfig:
     accum: gradient accumulation: each rank's batch runs as this many micro-batches of whole
         groups (a step's random draws are made once for the whole batch, so the loss and
         gradients are the whole batch's, up to summation order, when the backbone has no dropout).
+    workers: DataLoader worker processes reading data too large to keep in memory (streamed from
+        memory-mapped arrays, shard folders or image folders; see imm_kernels.train.streaming).
+    flip: mirror each training image left-right with probability 1/2, the coins drawn from
+        (seed, rank, step), so a resumed run repeats them.
     """
 
     data: str = "digits"
@@ -219,6 +227,8 @@ class TrainConfig:
     tf32: bool = True
     fused_optimizer: bool = True
     accum: int = 1
+    workers: int = 0
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
@@ -267,6 +277,9 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_positive_int("accum", self.accum)
+        check_nonnegative_int("workers", self.workers)
+        if not isinstance(self.flip, bool):
+            raise TypeError(f"flip must be a bool, got {self.flip!r}")
         if self.checkpoint_activations and self.model not in DIT_MODELS:
             raise ValueError(f"checkpoint_activations applies to the DiT models, not model={self.model!r}")
 
@@ -565,20 +578,31 @@ class Trainer:
             )
         self.run_id = run_id or uuid.uuid4().hex
 
-        train_data = load_dataset(config.data, split="train", seed=config.seed)
-        if config.conditional and train_data.labels is None:
-            raise ValueError(f"conditional=True but the data {train_data.name} has no class labels")
+        source = open_dataset(config.data, split="train", seed=config.seed)
+        if config.conditional and not source.labelled:
+            raise ValueError(f"conditional=True but the data {source.name} has no class labels")
+        if config.flip and source.kind != "image":
+            raise ValueError(f"flip mirrors images, but {source.name} holds {source.kind}s")
         if config.sigma_data is None:
-            config = dataclasses.replace(config, sigma_data=round(train_data.x.std().item(), 4))
+            config = dataclasses.replace(config, sigma_data=round(data_std(source), 4))
         if config.model in ("auto", "mlp", "conv"):
-            width, depth = _DEFAULT_SIZES[train_data.kind]
+            width, depth = _DEFAULT_SIZES[source.kind]
             config = dataclasses.replace(config, width=config.width or width, depth=config.depth or depth)
         self.config = config
-        self.data_info = DataInfo.of(train_data)
-        self.train_x = train_data.x.to(self.device)
-        self.train_labels = (
-            train_data.labels.to(self.device) if config.conditional and train_data.labels is not None else None
+        self.data_info = DataInfo.of(source)
+        self.source, self.data_size = source, len(source)
+        # Data that fits (IN_MEMORY_LIMIT_BYTES) is read once and kept on the device, indexed per step;
+        # larger data streams from its files through BatchLoader (config.workers processes).
+        sample_bytes = 4 * math.prod(source.shape)
+        self.streaming = (
+            not isinstance(source, InMemorySource) and self.data_size * sample_bytes > IN_MEMORY_LIMIT_BYTES
         )
+        if self.streaming:
+            self.train_x = self.train_labels = None
+        else:
+            x, labels = source.rows(torch.arange(self.data_size))
+            self.train_x = x.to(self.device)
+            self.train_labels = labels.to(self.device) if config.conditional and labels is not None else None
 
         use_bf16 = self.config.mixed_precision == "bf16" or (
             self.config.mixed_precision == "auto" and self.device.type == "cuda"
@@ -625,7 +649,9 @@ class Trainer:
         """The data order of one epoch; only the latest is kept (batches never go back an epoch)."""
         if epoch not in self._epoch_orders:
             gen = torch.Generator().manual_seed(_derived_seed(self.config.seed, _DATA_ORDER_STREAM, epoch))
-            self._epoch_orders = {epoch: torch.randperm(len(self.train_x), generator=gen).to(self.device)}
+            order = torch.randperm(self.data_size, generator=gen)
+            # Streaming: the loader reads the rows on the CPU, so the order stays there (no sync per step).
+            self._epoch_orders = {epoch: order if self.streaming else order.to(self.device)}
         return self._epoch_orders[epoch]
 
     def batch_indices(self, step: int) -> Tensor:
@@ -634,7 +660,7 @@ class Trainer:
         The global batches walk through a stream of epochs, each a permutation drawn from
         (seed, epoch); a batch that crosses an epoch's end continues into the next one.
         """
-        size = len(self.train_x)
+        size = self.data_size
         position = step * self.config.batch + self.process.rank * self.local_batch
         stop = position + self.local_batch
         parts = []
@@ -645,17 +671,36 @@ class Trainer:
             position += take
         return torch.cat(parts)
 
-    def compute_loss_and_gradients(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """This rank's (x, labels) at `step`: indexed on the device, or read from the source (streaming);
+        mirrored per flip_mask when config.flip, as BatchLoader does."""
+        indices = self.batch_indices(step)
+        if self.streaming:
+            x, labels = self.source.rows(indices)
+        else:
+            x = self.train_x[indices]
+            labels = None if self.train_labels is None else self.train_labels[indices]
+        if self.config.flip:
+            mirrored = flip_mask(len(indices), seed=self.config.seed, rank=self.process.rank, step=step)
+            mirrored = mirrored.to(x.device, non_blocking=True).view(-1, *[1] * (x.dim() - 1))
+            x = torch.where(mirrored, x.flip(-1), x)
+        return x, labels
+
+    def compute_loss_and_gradients(
+        self, step: int, batch: tuple[Tensor, Tensor | None] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of this rank's batch at `step`, and the gradients in .grad (DDP-averaged when distributed).
+
+        batch: the step's (x, labels) as BatchLoader gives them (streaming); None reads them here.
 
         With config.accum = N the batch runs as N micro-batches of whole groups, backward after
         each (DDP syncs after the last only). The step's random draws are made once for the whole
         batch and sliced, so the loss is the whole batch's (up to summation order), not N others.
         """
         with self._nvtx("data"):
-            indices = self.batch_indices(step)
-            x = self.train_x[indices]
-            labels = None if self.train_labels is None else self.train_labels[indices]
+            x, labels = self._batch(step) if batch is None else batch
+            x = x.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True) if self.config.conditional else None
         torch.manual_seed(_derived_seed(self.config.seed, _STEP_DRAWS_STREAM, self.process.rank, step))
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.config.accum
@@ -692,14 +737,14 @@ class Trainer:
         """Linear warm-up to config.lr over config.warmup steps, then constant."""
         return self.config.lr * min(1.0, (step + 1) / max(self.config.warmup, 1))
 
-    def train_step(self) -> Tensor:
+    def train_step(self, batch: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """One optimizer step at self.step; returns the (detached) loss.
 
         A non-finite loss or gradient norm is recorded on the device (no host sync) and raised
         as TrainingDiverged at the next log line or checkpoint (`check_divergence`); with
         on_nan="skip" the batch is skipped instead (no update), which reads the flag every step.
         """
-        loss, stats = self.compute_loss_and_gradients(self.step)
+        loss, stats = self.compute_loss_and_gradients(self.step, batch)
         with self._nvtx("optimizer"):
             params = [p for p in self.net.parameters() if p.grad is not None]
             max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
@@ -830,10 +875,24 @@ class Trainer:
         )
         start_step, started = self.step, time.perf_counter()
         interval_start, interval_losses, last_loss = started, [], math.nan
+        batches = None
+        if self.streaming and self.step < config.steps:
+            loader = BatchLoader(
+                self.source,
+                self.batch_indices,
+                start_step=self.step,
+                stop_step=config.steps,
+                num_workers=config.workers,
+                pin_memory=self.device.type == "cuda",
+                flip=config.flip,
+                seed=config.seed,
+                rank=self.process.rank,
+            )
+            batches = iter(loader)
         try:
             while self.step < config.steps:
                 skipped = self.skipped_steps
-                loss = self.train_step()
+                loss = self.train_step(None if batches is None else next(batches))
                 if self.skipped_steps == skipped:
                     interval_losses.append(loss)
                 bar.update(1)

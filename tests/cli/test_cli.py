@@ -32,7 +32,7 @@ def test_train_toy2d_writes_checkpoint_and_scatter_then_resumes_and_evaluates(tm
 
     err = cli_fails(capsys, "train", "--resume", str(out), "--lr", "0.1")
     assert "only steps, sample_every, ckpt_every, log_every, on_nan, keep, compile, checkpoint_activations, " in err
-    assert "tf32, fused_optimizer can change, got lr" in err
+    assert "tf32, fused_optimizer, workers can change, got lr" in err
     err = cli_fails(capsys, *"train --data toy2d --steps 2 --out".split(), str(out), *TINY)
     assert "already holds a run" in err
 

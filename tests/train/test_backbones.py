@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from imm_kernels.models import DiT, SongUNet, imm_training_step_flops
+from imm_kernels.train import trainer as trainer_module
 from imm_kernels.train.trainer import TrainConfig, Trainer
 
 from helpers import cli_fails, run_cli
@@ -200,3 +202,46 @@ def test_the_log_holds_throughput_the_step_phases_and_the_loss_by_time(tmp_path)
         pooled = sum(counts[name] * means[name] for name in counts if counts[name]) / 8
         assert pooled == pytest.approx(record["loss"], rel=1e-5)  # float32 step losses vs float64 bin sums
         assert "mfu" not in record  # a GPU figure
+
+
+# Data too large for memory streams from its files: the same batches, the same training.
+
+
+def _image_array(path):
+    generator = np.random.default_rng(0)
+    np.savez(path, x=generator.normal(size=(200, 1, 8, 8)).astype(np.float32), y=generator.integers(0, 3, 200))
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_data_trains_exactly_as_data_in_memory(tmp_path, monkeypatch, workers):
+    data = str(_image_array(tmp_path / "images.npz"))
+    config = TrainConfig(steps=4, flip=True, conditional=True, workers=workers, **{**DIGITS, "data": data, "width": 8})
+    in_memory = Trainer(config, progress=False)
+    assert not in_memory.streaming
+    in_memory.train()
+    monkeypatch.setattr(trainer_module, "IN_MEMORY_LIMIT_BYTES", 0)
+    streamed = Trainer(config, progress=False)
+    assert streamed.streaming and streamed.train_x is None
+    streamed.train()
+    for name, value in in_memory.net.state_dict().items():
+        assert torch.equal(streamed.net.state_dict()[name], value), name
+
+
+def test_a_streamed_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "IN_MEMORY_LIMIT_BYTES", 0)
+    data = str(_image_array(tmp_path / "images.npz"))
+    config = TrainConfig(steps=6, flip=True, **{**DIGITS, "data": data, "width": 8, "ckpt_every": 3})
+    straight = Trainer(config, tmp_path / "straight", progress=False)
+    straight.train()
+    Trainer(TrainConfig(**{**config.__dict__, "steps": 3}), tmp_path / "halves", progress=False).train()
+    resumed = Trainer.resume(tmp_path / "halves", steps=6, progress=False)
+    assert resumed.streaming
+    resumed.train()
+    for name, value in straight.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[name], value), name
+
+
+def test_flip_is_for_images():
+    with pytest.raises(ValueError, match="flip mirrors images, but toy2d:8gaussians holds vectors"):
+        Trainer(TrainConfig(flip=True, **{**DIGITS, "data": "8gaussians"}), progress=False)

@@ -164,8 +164,8 @@ def _nan_at(trainer, bad_steps):
     """Makes the loss of the given 1-based steps NaN (a bad batch), leaving the rest untouched."""
     compute = trainer.compute_loss_and_gradients
 
-    def poisoned(step):
-        loss, stats = compute(step)
+    def poisoned(step, batch=None):
+        loss, stats = compute(step, batch)
         if step + 1 in bad_steps:
             for param in trainer.net.parameters():
                 if param.grad is not None:

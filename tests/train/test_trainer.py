@@ -103,7 +103,7 @@ def test_checkpoint_files_and_config_round_trip(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"only \['checkpoint_activations', 'ckpt_every', 'compile', 'fused_optimizer', 'keep', 'log_every', "
-        r"'on_nan', 'sample_every', 'steps', 'tf32'\] can change on resume, got \['lr'\]",
+        r"'on_nan', 'sample_every', 'steps', 'tf32', 'workers'\] can change on resume, got \['lr'\]",
     ):
         Trainer.resume(tmp_path, lr=1.0)
 
