@@ -113,13 +113,7 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
                 options = {"toy": name, **options}
             dataset = _sample_toy2d(seed=seed, **options)
     else:
-        path = Path(name)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"name_or_path {name!r} is neither a built-in data set {BUILTIN_DATASETS} nor an existing path"
-            )
-        if options:
-            raise TypeError(f"user data takes no options, got {sorted(options)}")
+        path = user_data_path(name, options)
         if path.is_dir():
             dataset = _load_image_folder(path)
         elif path.suffix.lower() in ARRAY_SUFFIXES:
@@ -129,6 +123,27 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
                 f"{path}: unsupported data file; expected a folder of images or a {' / '.join(ARRAY_SUFFIXES)} array"
             )
     return _take_split(dataset, split)
+
+
+def user_data_path(name: str, options: dict) -> Path:
+    """The path of user data (not a built-in set), which must exist and takes no options."""
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"name_or_path {name!r} is neither a built-in data set {BUILTIN_DATASETS} nor an existing path"
+        )
+    if options:
+        raise TypeError(f"user data takes no options, got {sorted(options)}")
+    return path
+
+
+def archive_data_key(path: Path, members) -> str:
+    """The data array of an .npz archive with these member names: "x", or its only array besides "y"."""
+    keys = list(members)
+    data_keys = ["x"] if "x" in keys else [k for k in keys if k != "y"]
+    if len(data_keys) != 1:
+        raise DataFileError(f"{path}: expected a key 'x' or exactly one array (besides 'y'), got keys {keys}")
+    return data_keys[0]
 
 
 def _take_split(dataset: Dataset, split: str) -> Dataset:
@@ -360,16 +375,13 @@ def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             return _read_npy(str(path), lambda: open(path, "rb"), path.stat().st_size), None
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            keys = list(members)
-            data_keys = ["x"] if "x" in keys else [k for k in keys if k != "y"]
-            if len(data_keys) != 1:
-                raise DataFileError(f"{path}: expected a key 'x' or exactly one array (besides 'y'), got keys {keys}")
+            data_key = archive_data_key(path, members)
 
             def read(key: str) -> np.ndarray:
                 info = members[key]
                 return _read_npy(f"{path}: array {key!r}", lambda: archive.open(info), info.file_size)
 
-            return read(data_keys[0]), read("y") if "y" in members else None
+            return read(data_key), read("y") if "y" in members else None
     except DataFileError:
         raise
     except _ARRAY_FILE_ERRORS as err:

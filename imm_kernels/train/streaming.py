@@ -60,7 +60,9 @@ from .data import (
     _read_image,
     _read_image_header,
     _read_npy,
+    archive_data_key,
     load_dataset,
+    user_data_path,
 )
 
 # The seed stream of the flips, distinct from the trainer's streams (0: data order, 1: each step's draws).
@@ -249,13 +251,7 @@ def open_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
     name = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and name in BUILTIN_DATASETS:
         return InMemorySource(load_dataset(name, split=split, seed=seed, **options))
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"name_or_path {name!r} is neither a built-in data set {BUILTIN_DATASETS} nor an existing path"
-        )
-    if options:
-        raise TypeError(f"user data takes no options, got {sorted(options)}")
+    path = user_data_path(name, options)
     if path.is_dir():
         shard_paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES)
         if not shard_paths:
@@ -325,12 +321,9 @@ def _map_array_file(path: Path) -> tuple[MappedArray, np.ndarray | None]:
             return _map_npy(str(path), path, 0, path.stat().st_size), None
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            keys = list(members)
-            data_keys = ["x"] if "x" in keys else [k for k in keys if k != "y"]
-            if len(data_keys) != 1:
-                raise DataFileError(f"{path}: expected a key 'x' or exactly one array (besides 'y'), got keys {keys}")
-            info = members[data_keys[0]]
-            what = f"{path}: array {data_keys[0]!r}"
+            data_key = archive_data_key(path, members)
+            info = members[data_key]
+            what = f"{path}: array {data_key!r}"
             if info.compress_type != zipfile.ZIP_STORED:
                 raise DataFileError(
                     f"{what} is compressed (np.savez_compressed), and a compressed array cannot be memory-mapped; "
