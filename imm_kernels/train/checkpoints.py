@@ -18,12 +18,13 @@ complete: it lacks state.json or its checksums fail). Loading verifies every che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+
+from ..model_files import file_sha256
 
 __all__ = [
     "CheckpointError",
@@ -33,6 +34,7 @@ __all__ = [
     "CONFIG_FILE",
     "write_checkpoint",
     "find_checkpoint",
+    "open_checkpoint",
     "complete_checkpoints",
     "verify_checkpoint",
     "read_state",
@@ -49,14 +51,6 @@ _STEP_FOLDER = re.compile(r"^step_(\d{7,})(?:_(\d+))?$")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit: the message names the file."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -192,29 +186,46 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
     For a run directory: the folder `latest` names when it is complete, else the newest complete
     checkpoints/step_* folder (a crash can leave `latest` behind or a folder half written), else the
-    single checkpoint/ folder of runs from before this layout.
+    single checkpoint/ folder of runs from before this layout. A folder given as such is not read here.
     """
     path = Path(path)
     if _is_checkpoint_folder(path):
         return path
-    latest = path / LATEST_FILE
+    return _newest_complete(path)[0]
+
+
+def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(folder, state): `find_checkpoint`'s folder and its verified state.json, every file hashed once."""
+    path = Path(path)
+    if _is_checkpoint_folder(path):
+        return path, verify_checkpoint(path)
+    return _newest_complete(path)
+
+
+def _newest_complete(run_dir: Path) -> tuple[Path, dict]:
+    """A run directory's checkpoint as find_checkpoint describes it, with its verified state."""
+    latest = run_dir / LATEST_FILE
     if latest.is_file():
-        target = path / latest.read_text().strip()
-        if target.parent == path / CHECKPOINTS_DIR and _is_checkpoint_folder(target):
+        target = run_dir / latest.read_text().strip()
+        if target.parent == run_dir / CHECKPOINTS_DIR and _is_checkpoint_folder(target):
             try:
-                verify_checkpoint(target)
-                return target
+                return target, verify_checkpoint(target)
             except CheckpointError:
                 pass
-    complete = complete_checkpoints(path)
-    if complete:
-        return complete[-1]
-    if _is_checkpoint_folder(path / LEGACY_CHECKPOINT_DIR):
-        return path / LEGACY_CHECKPOINT_DIR
-    if (path / CHECKPOINTS_DIR).is_dir():
-        raise CheckpointError(f"{path}: no complete checkpoint in {CHECKPOINTS_DIR}/ (every one is partial or corrupt)")
+    for _, _, folder in reversed(_step_folders(run_dir / CHECKPOINTS_DIR)):
+        try:
+            return folder, verify_checkpoint(folder)
+        except CheckpointError:
+            continue
+    legacy = run_dir / LEGACY_CHECKPOINT_DIR
+    if _is_checkpoint_folder(legacy):
+        return legacy, verify_checkpoint(legacy)
+    if (run_dir / CHECKPOINTS_DIR).is_dir():
+        raise CheckpointError(
+            f"{run_dir}: no complete checkpoint in {CHECKPOINTS_DIR}/ (every one is partial or corrupt)"
+        )
     raise FileNotFoundError(
-        f"checkpoint {str(path)!r} is not a checkpoint: no {STATE_FILE} and {CONFIG_FILE} in it, and no "
+        f"checkpoint {str(run_dir)!r} is not a checkpoint: no {STATE_FILE} and {CONFIG_FILE} in it, and no "
         f"{CHECKPOINTS_DIR}/ of a run directory"
     )
 

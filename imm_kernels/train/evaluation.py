@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..precond import Preconditioner
-from .checkpoints import verify_checkpoint
+from .checkpoints import open_checkpoint
 from .metrics import DIGITS_SHAPE, DigitsEvaluator
 from .sampling_helpers import (
     SAMPLE_STEPS,
@@ -20,7 +20,7 @@ from .sampling_helpers import (
     save_points_scatter,
     save_steps_grid,
 )
-from .trainer import EMA_FILE, DataInfo, TrainConfig, build_net, find_checkpoint, load_module_weights, load_run_config
+from .trainer import EMA_FILE, DataInfo, TrainConfig, build_net, load_module_weights, load_run_config
 
 __all__ = ["MetricRow", "load_ema_net", "untrained_net", "digits_metric_rows", "format_metric_table", "write_samples"]
 
@@ -38,8 +38,7 @@ def load_ema_net(checkpoint: str | os.PathLike) -> tuple[Preconditioner, TrainCo
     """The EMA model of a checkpoint (a run directory's newest complete one, or a checkpoint folder), float32
     on the CPU, eval mode. Every file's checksum is verified; a bad checkpoint is a CheckpointError naming
     the file."""
-    directory = find_checkpoint(checkpoint)
-    verify_checkpoint(directory)
+    directory, _ = open_checkpoint(checkpoint)
     config, data_info = load_run_config(directory)
     net = build_net(config, data_info)
     load_module_weights(net, directory / EMA_FILE, torch.device("cpu"))

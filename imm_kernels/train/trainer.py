@@ -70,7 +70,7 @@ from .checkpoints import (
     CheckpointError,
     find_checkpoint,
     holds_run,
-    verify_checkpoint,
+    open_checkpoint,
     write_checkpoint,
     write_json_durably,
 )
@@ -999,7 +999,8 @@ class Trainer:
         if self.ema is None or self.out_dir is None:
             raise RuntimeError("save_checkpoint runs on rank 0 (which keeps the EMA) of a trainer with an out_dir")
         for name, module in (("model", self.net), ("EMA", self.ema)):
-            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            finite = torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
+            if not bool(finite):  # one read for the whole module
                 raise TrainingDiverged(
                     f"the {name} weights hold non-finite values at step {self.step}; no checkpoint was written. "
                     + self._divergence_hints()
@@ -1018,8 +1019,10 @@ class Trainer:
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Loads model, optimizer, step and (rank 0) EMA of a checkpoint (a folder, or a run directory's
         newest complete one), after verifying every file's checksum."""
-        directory = find_checkpoint(directory)
-        state = verify_checkpoint(directory)
+        self._load_checkpoint(*open_checkpoint(directory))
+
+    def _load_checkpoint(self, directory: Path, state: dict) -> None:
+        """load_checkpoint for a folder whose files open_checkpoint has verified (state: its state.json)."""
         load_module_weights(self.net, directory / MODEL_FILE, self.device)
         if self.ema is not None:
             load_module_weights(self.ema, directory / EMA_FILE, self.device)
@@ -1058,8 +1061,7 @@ class Trainer:
         unknown = sorted(set(overrides) - set(RESUMABLE_FIELDS))
         if unknown:
             raise ValueError(f"only {sorted(RESUMABLE_FIELDS)} can change on resume, got {unknown}")
-        directory = find_checkpoint(checkpoint)
-        verify_checkpoint(directory)
+        directory, state = open_checkpoint(checkpoint)
         saved = read_run_json(directory)
         config = dataclasses.replace(load_run_config(directory)[0], **overrides)
         source_run = run_directory_of(directory)
@@ -1087,7 +1089,7 @@ class Trainer:
                 "each rank's share of every batch and its random draws would change, so the run would no longer "
                 "reproduce an uninterrupted one; pass --allow-world-size-change to continue anyway"
             )
-        trainer.load_checkpoint(directory)
+        trainer._load_checkpoint(directory, state)
         if trainer.is_logging and out_dir.resolve() != source_run.resolve():
             _copy_log(source_run / LOG_FILE, out_dir / LOG_FILE, trainer.step)
         return trainer
