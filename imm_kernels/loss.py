@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,10 @@ def _unwrap(net: nn.Module) -> Preconditioner:
     return inner
 
 
+def _no_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 class IMMLoss(nn.Module):
     """The IMM loss mean_g w(t_g)·MMD²_g between f_{s,t}(x_t) and the stop-gradient f_{s,r}(x_r).
 
@@ -104,6 +109,9 @@ class IMMLoss(nn.Module):
             raise ValueError("label_dropout > 0 needs a conditional net (label_dim > 0)")
         self.target_fp32 = bool(target_fp32)
         self.backend = check_choice("backend", backend, BACKEND_NAMES)
+        # phase(name) -> context around the parts of a call, "forward" (both passes) and "loss" (the
+        # MMD): the trainer times them and names them for profilers (NVTX). A no-op by default.
+        self.phase = _no_phase
 
     @property
     def precond(self) -> Preconditioner:
@@ -214,24 +222,26 @@ class IMMLoss(nn.Module):
 
         # The student pass runs inside fork_rng, which restores the RNG state on exit, so the
         # target pass draws the same dropout masks and leaves the RNG advanced as usual.
-        with torch.random.fork_rng(**self._rng_devices(x.device)):
-            student = self.net(x_t, t_p, s_p, labels)
-        with torch.no_grad():
-            target = self.net(x_r, r_p, s_p, labels, force_fp32=self.target_fp32)
+        with self.phase("forward"):
+            with torch.random.fork_rng(**self._rng_devices(x.device)):
+                student = self.net(x_t, t_p, s_p, labels)
+            with torch.no_grad():
+                target = self.net(x_r, r_p, s_p, labels, force_fp32=self.target_fp32)
 
         weight = self.time_weight(t64)
         # The loss is the mean of w(t_g) MMD²_g, summed as terms weighted w(t_g) / G: each term then
         # receives a gradient of 1 from .backward(), the one for which the fused kernels compute dx
         # in the forward (a .mean() would send 1/G, and that dx would be computed again).
-        terms = mmd_loss(
-            student,
-            target,
-            self.group_size,
-            self.kernel_bandwidth(s64, t64),
-            weight / groups_in_step,
-            reduction="none",
-            backend=self.backend,
-        )
+        with self.phase("loss"):
+            terms = mmd_loss(
+                student,
+                target,
+                self.group_size,
+                self.kernel_bandwidth(s64, t64),
+                weight / groups_in_step,
+                reduction="none",
+                backend=self.backend,
+            )
         stats = {
             "s": s,
             "r": r,

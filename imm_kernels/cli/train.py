@@ -15,6 +15,7 @@ from ..schedules import SCHEDULE_NAMES
 from ..train.data import ARRAY_SUFFIXES, BUILTIN_DATASETS
 from ..train.trainer import (
     DEVICE_CHOICES,
+    DIST_CHOICES,
     DIST_TIMEOUT_S,
     MIXED_PRECISION_CHOICES,
     MODEL_CHOICES,
@@ -133,6 +134,18 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     option("--workers", "DataLoader processes for data streamed from disk (too large for memory)", type=int)
     option("--flip", "mirror training images left-right at random", action=argparse.BooleanOptionalAction)
     option("--keep", "complete checkpoints kept in OUT/checkpoints (the newest)", type=int)
+    option(
+        "--dist",
+        "under torchrun: ddp (a model copy per rank) or fsdp (FSDP2: model, optimizer and EMA sharded, "
+        "sharded checkpoints); fsdp also runs as one process",
+        choices=DIST_CHOICES,
+    )
+    option(
+        "--fsdp-bf16-params",
+        "with --dist fsdp: all-gather block weights in bf16 (half the traffic; the target pass then uses bf16 "
+        "weights too)",
+        action="store_true",
+    )
 
 
 def _json_object(text: str) -> dict:

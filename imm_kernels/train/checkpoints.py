@@ -3,6 +3,8 @@
 A run directory holds its checkpoints as complete folders and a pointer to the newest:
 
     OUT/checkpoints/step_0001000/   model, ema, optimizer (.safetensors), config.json, state.json
+                                    (an FSDP run: ema.safetensors, config.json, state.json and sharded/,
+                                    torch.distributed.checkpoint's files for model and optimizer)
     OUT/checkpoints/step_0002000/
     OUT/latest                      "checkpoints/step_0002000", replaced with os.replace
 
@@ -33,6 +35,8 @@ __all__ = [
     "STATE_FILE",
     "CONFIG_FILE",
     "write_checkpoint",
+    "begin_checkpoint",
+    "finish_checkpoint",
     "find_checkpoint",
     "open_checkpoint",
     "complete_checkpoints",
@@ -101,9 +105,16 @@ def write_checkpoint(run_dir: Path, step: int, write_files, *, keep: int) -> Pat
     write_files(folder) writes every file but state.json and returns the state dict to store in it
     (JSON-able); the SHA-256 of each file is added as state["files"].
     """
+    partial, final = begin_checkpoint(run_dir, step)
+    return finish_checkpoint(run_dir, partial, final, write_files(partial), keep=keep)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(partial, final): a new empty step_N.partial folder to write checkpoint `step` into, and the name it
+    will have when complete. Removes what earlier saves that never finished left behind."""
     checkpoints = run_dir / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
-    for stale in checkpoints.glob(f"*{_PARTIAL_SUFFIX}"):  # an earlier save that never finished
+    for stale in checkpoints.glob(f"*{_PARTIAL_SUFFIX}"):
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:07d}"
     taken = {path.name for _, _, path in _step_folders(checkpoints)}
@@ -113,10 +124,18 @@ def write_checkpoint(run_dir: Path, step: int, write_files, *, keep: int) -> Pat
     final = checkpoints / (f"{name}_{suffix}" if suffix else name)
     partial = checkpoints / (final.name + _PARTIAL_SUFFIX)
     partial.mkdir()
-    state = write_files(partial)
-    files = sorted(path.name for path in partial.iterdir() if path.is_file())
+    return partial, final
+
+
+def finish_checkpoint(run_dir: Path, partial: Path, final: Path, state: dict, *, keep: int) -> Path:
+    """Completes begin_checkpoint's folder once every file is in it (also in subfolders, such as the
+    shards of an FSDP run): fsyncs, state.json with every file's SHA-256, the rename, `latest`, rotation."""
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    files = sorted(path.relative_to(partial).as_posix() for path in partial.rglob("*") if path.is_file())
     for file_name in files:
         _fsync_file(partial / file_name)
+    for folder in sorted({(partial / file_name).parent for file_name in files}, reverse=True):
+        _fsync_dir(folder)
     state = {**state, "files": {file_name: file_sha256(partial / file_name) for file_name in files}}
     write_json_durably(partial / STATE_FILE, state)
     _fsync_dir(partial)

@@ -68,13 +68,26 @@ from .checkpoints import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     CheckpointError,
+    begin_checkpoint,
     find_checkpoint,
+    finish_checkpoint,
     holds_run,
     open_checkpoint,
     write_checkpoint,
     write_json_durably,
 )
 from .data import Dataset
+from .fsdp import (
+    SHARDED_DIR,
+    ShardedEMA,
+    full,
+    join_single_process_group,
+    load_sharded,
+    local,
+    no_gradient_sync,
+    save_sharded,
+    shard_model,
+)
 from .sampling_helpers import save_points_scatter, save_steps_grid
 from .streaming import BatchLoader, InMemorySource, data_std, flip_mask, open_dataset
 
@@ -93,6 +106,7 @@ __all__ = [
 MIXED_PRECISION_CHOICES = ("auto", "none", "bf16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ON_NAN_CHOICES = ("stop", "skip")
+DIST_CHOICES = ("ddp", "fsdp")
 # Backbones: "auto" (conv for images, MLP for vectors), the small CPU ones, the DiT configs (DiT-S/2 is
 # "dit-s2") and the IMM CIFAR-10 U-Net; --model-kwargs overrides any constructor argument.
 DIT_MODELS = {f"dit-{size.lower()}{patch}": (size, patch) for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)}
@@ -186,6 +200,13 @@ class TrainConfig:
         memory-mapped arrays, shard folders or image folders; see imm_kernels.train.streaming).
     flip: mirror each training image left-right with probability 1/2, the coins drawn from
         (seed, rank, step), so a resumed run repeats them.
+    dist: how the ranks share the model: "ddp" (a full copy on each, gradients all-reduced) or
+        "fsdp" (FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over the
+        ranks, the EMA too; sharded checkpoints through torch.distributed.checkpoint that load on
+        any number of ranks; see imm_kernels.train.fsdp). "fsdp" also runs as a single process.
+    fsdp_bf16_params: with dist="fsdp", all-gather the blocks' parameters in bf16 (half the
+        traffic); the IMM target pass then runs with bf16 weights too. Off: float32 parameters,
+        bf16 compute through autocast exactly as with "ddp".
     """
 
     data: str = "digits"
@@ -229,6 +250,8 @@ class TrainConfig:
     accum: int = 1
     workers: int = 0
     flip: bool = False
+    dist: str = "ddp"
+    fsdp_bf16_params: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data:
@@ -280,6 +303,11 @@ class TrainConfig:
         check_nonnegative_int("workers", self.workers)
         if not isinstance(self.flip, bool):
             raise TypeError(f"flip must be a bool, got {self.flip!r}")
+        check_choice("dist", self.dist, DIST_CHOICES)
+        if not isinstance(self.fsdp_bf16_params, bool):
+            raise TypeError(f"fsdp_bf16_params must be a bool, got {self.fsdp_bf16_params!r}")
+        if self.fsdp_bf16_params and self.dist != "fsdp":
+            raise ValueError('fsdp_bf16_params applies to dist="fsdp"')
         if self.checkpoint_activations and self.model not in DIT_MODELS:
             raise ValueError(f"checkpoint_activations applies to the DiT models, not model={self.model!r}")
 
@@ -443,13 +471,14 @@ def _nvtx_range_factory():
 
 
 class _PhaseClock:
-    """Time per step phase (data, forward, backward, optimizer, ema), inside the phase's NVTX range.
+    """Time per step phase (data, forward: both model passes, loss: the MMD, backward, optimizer, ema),
+    inside the phase's NVTX range.
 
     On CUDA it records event pairs and sums them when read (at a log line, where the host waits
     anyway); on a CPU it adds perf_counter intervals.
     """
 
-    STEP_PHASES = ("data", "forward", "backward", "optimizer", "ema")
+    STEP_PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema")
 
     def __init__(self, device: torch.device) -> None:
         self._nvtx = _nvtx_range_factory()
@@ -558,6 +587,14 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = _rank_device(self.process.local_rank)
             torch.cuda.set_device(self.device)
+        self.sharded = config.dist == "fsdp"
+        if self.sharded and not dist.is_initialized():
+            if self.process.world_size > 1:
+                raise ValueError(
+                    f"dist='fsdp' shards the model over a process group, but rank {self.process.rank} of "
+                    f"{self.process.world_size} has none (start the ranks with torchrun)"
+                )
+            join_single_process_group(self.device.type)
         world_size = self.process.world_size
         if config.batch % (config.group_size * world_size):
             raise ValueError(
@@ -610,14 +647,23 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.config.tf32
             torch.backends.cudnn.allow_tf32 = self.config.tf32
-        self.net = build_net(self.config, self.data_info, "bf16" if use_bf16 else None).to(self.device)
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if self.process.is_main else None
+        mixed_precision = "bf16" if use_bf16 else None
+        self.net = build_net(self.config, self.data_info, mixed_precision).to(self.device)
+        # The EMA: a full copy on rank 0 (single process, DDP), or sharded on every rank (FSDP).
+        self.ema, self.sharded_ema = None, None
+        if self.sharded:
+            shard_model(self.net, self.device, bf16_params=self.config.fsdp_bf16_params)
+            self.sharded_ema = ShardedEMA(
+                self.net, lambda: build_net(self.config, self.data_info, mixed_precision), self.device
+            )
+        elif self.process.is_main:
+            self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         distributed = world_size > 1 and dist.is_initialized()
         self.model = (
             nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device] if self.device.type == "cuda" else None
             )
-            if distributed
+            if distributed and not self.sharded
             else self.net
         )
         if self.config.compile:
@@ -631,13 +677,14 @@ class Trainer:
             label_dropout=self.config.label_dropout if self.config.conditional else 0.0,
             backend=self.config.backend,
         )
+        self._nvtx = _PhaseClock(self.device)
+        self.loss_fn.phase = self._nvtx
         fused = self.config.fused_optimizer and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused or None
         )
         self.step = 0
         self.progress = progress
-        self._nvtx = _PhaseClock(self.device)
         self._epoch_orders: dict[int, Tensor] = {}
         self._reset_divergence_watch()
         self._time_bins = _TimeBins(self.loss_fn.eps, self.loss_fn.T, self.device)
@@ -705,8 +752,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.config.accum
         if accum == 1:
-            with self._nvtx("forward"):
-                loss, stats = self.loss_fn(x, labels)
+            loss, stats = self.loss_fn(x, labels)  # times its "forward" and "loss" phases itself
             with self._nvtx("backward"):
                 loss.backward()
             return loss.detach(), stats
@@ -717,21 +763,24 @@ class Trainer:
         for micro in range(accum):
             start, stop = micro * per_micro, (micro + 1) * per_micro
             rows = slice(start * self.config.group_size, stop * self.config.group_size)
-            is_last = micro == accum - 1
-            sync = contextlib.nullcontext() if is_last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                with self._nvtx("forward"):
-                    loss, stats = self.loss_fn(
-                        x[rows],
-                        None if labels is None else labels[rows],
-                        draws=draws.groups(start, stop),
-                        groups_in_step=groups,
-                    )
+            with contextlib.nullcontext() if micro == accum - 1 else self._no_gradient_sync():
+                loss, stats = self.loss_fn(
+                    x[rows],
+                    None if labels is None else labels[rows],
+                    draws=draws.groups(start, stop),
+                    groups_in_step=groups,
+                )
                 with self._nvtx("backward"):
                     loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
             parts.append(stats)
         return total, {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    def _no_gradient_sync(self):
+        """Gradients accumulate locally, without the ranks' all-reduce (DDP) or reduce-scatter (FSDP)."""
+        if self.sharded:
+            return no_gradient_sync(self.net)
+        return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up to config.lr over config.warmup steps, then constant."""
@@ -748,7 +797,7 @@ class Trainer:
         with self._nvtx("optimizer"):
             params = [p for p in self.net.parameters() if p.grad is not None]
             max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-            grad_norm = nn.utils.clip_grad_norm_(params, max_norm) if params else loss.new_zeros(())
+            grad_norm = full(nn.utils.clip_grad_norm_(params, max_norm)) if params else loss.new_zeros(())
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
             if self.config.on_nan == "skip":
                 if not bool(finite):  # the host sync of skip mode
@@ -760,7 +809,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             self.optimizer.step()
-        if self.ema is not None:
+        if self.ema is not None or self.sharded_ema is not None:
             with self._nvtx("ema"):
                 self._update_ema()
         self.step += 1
@@ -817,10 +866,15 @@ class Trainer:
         Under torchrun every rank takes part (the flags are combined), so all ranks stop together.
         """
         with torch.no_grad():
-            params = [p.detach().float() for p in self.net.parameters()]
-            numel = sum(p.numel() for p in params)
-            rms = torch.sqrt(sum(p.square().sum() for p in params) / max(numel, 1)) if params else torch.zeros(())
-            flags = torch.stack([self._first_bad_step.float(), torch.nan_to_num(rms.to(self.device), nan=math.inf)])
+            params = list(self.net.parameters())
+            numel = sum(p.numel() for p in params)  # a DTensor's numel is the whole parameter's
+            square_sum = torch.zeros((), device=self.device)
+            for p in params:
+                square_sum += local(p).detach().float().square().sum()
+            if self.sharded and self.process.world_size > 1:
+                dist.all_reduce(square_sum)  # each rank holds its shards' part
+            rms = torch.sqrt(square_sum / max(numel, 1))
+            flags = torch.stack([self._first_bad_step.float(), torch.nan_to_num(rms, nan=math.inf)])
         if dist.is_initialized() and self.process.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         first_bad, weight_rms = flags.tolist()
@@ -844,6 +898,9 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (_EMA_RAMP + self.step))
+        if self.sharded_ema is not None:
+            self.sharded_ema.update(self.net, decay)
+            return
         ema_params, params = list(self.ema.parameters()), list(self.net.parameters())
         torch._foreach_lerp_(ema_params, params, 1 - decay)
         for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
@@ -922,10 +979,13 @@ class Trainer:
                         if self.skipped_steps:
                             record["skipped_steps"] = self.skipped_steps
                         self._log(record)
-                if self.is_logging and sample_now:
+                # Under FSDP every rank takes part (the EMA and the shards are gathered or written
+                # collectively); otherwise rank 0 alone, which holds the EMA.
+                takes_part = self.out_dir is not None and (self.sharded or self.process.is_main)
+                if takes_part and sample_now:
                     with self._nvtx("sample"):
                         self.save_samples(self.out_dir / "samples" / f"step_{self.step:06d}.png")
-                if self.is_logging and checkpoint_now:
+                if takes_part and checkpoint_now:
                     with self._nvtx("checkpoint"):
                         self.save_checkpoint()
         except TrainingDiverged as err:
@@ -964,17 +1024,27 @@ class Trainer:
 
     # Samples.
 
+    def evaluation_ema(self) -> Preconditioner | None:
+        """The EMA model, whole, on rank 0 (None on the other ranks). Under FSDP this gathers the shards:
+        a collective every rank calls."""
+        return self.sharded_ema.gather() if self.sharded_ema is not None else self.ema
+
     def save_samples(self, path: str | os.PathLike) -> Path | None:
-        """EMA samples as a PNG: images at 1/2/4/8 steps (a row each), 2-D points as a 1-step scatter plot.
+        """EMA samples as a PNG (rank 0): images at 1/2/4/8 steps (a row each), 2-D points as a 1-step
+        scatter plot. Under FSDP every rank calls it (the EMA is gathered).
 
         The prior draws come from config.seed, so the images of a run compare across steps.
         Latents (vectors, or images of other than 1 or 3 channels) have no picture; nothing is written for them.
         """
-        if self.data_info.kind == "image" and self.data_info.shape[0] in (1, 3):
-            return save_steps_grid(self.ema, path, self.data_info.shape, seed=self.config.seed)
-        if self.data_info.shape == (2,):
-            return save_points_scatter(self.ema, path, 1, seed=self.config.seed)
-        return None
+        is_image = self.data_info.kind == "image" and self.data_info.shape[0] in (1, 3)
+        if not (is_image or self.data_info.shape == (2,)):
+            return None
+        ema = self.evaluation_ema()
+        if ema is None:
+            return None
+        if is_image:
+            return save_steps_grid(ema, path, self.data_info.shape, seed=self.config.seed)
+        return save_points_scatter(ema, path, 1, seed=self.config.seed)
 
     # Checkpoints.
 
@@ -996,15 +1066,11 @@ class Trainer:
         """
         from safetensors.torch import save_file
 
+        if self.sharded:
+            return self._save_sharded_checkpoint()
         if self.ema is None or self.out_dir is None:
             raise RuntimeError("save_checkpoint runs on rank 0 (which keeps the EMA) of a trainer with an out_dir")
-        for name, module in (("model", self.net), ("EMA", self.ema)):
-            finite = torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
-            if not bool(finite):  # one read for the whole module
-                raise TrainingDiverged(
-                    f"the {name} weights hold non-finite values at step {self.step}; no checkpoint was written. "
-                    + self._divergence_hints()
-                )
+        self._check_finite_weights(self.ema)
 
         def write_files(folder: Path) -> dict:
             save_file(_contiguous(self.net.state_dict()), folder / MODEL_FILE)
@@ -1016,6 +1082,42 @@ class Trainer:
 
         return write_checkpoint(self.out_dir, self.step, write_files, keep=self.config.keep)
 
+    def _check_finite_weights(self, ema: nn.Module) -> None:
+        """TrainingDiverged unless the model and EMA weights are finite (under FSDP: every rank's shards)."""
+        for name, module in (("model", self.net), ("EMA", ema)):
+            finite = torch.stack([torch.isfinite(local(p)).all() for p in module.parameters()]).all()
+            if self.sharded and self.process.world_size > 1:
+                finite = finite.to(torch.int32)
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):  # one read for the whole module
+                raise TrainingDiverged(
+                    f"the {name} weights hold non-finite values at step {self.step}; no checkpoint was written. "
+                    + self._divergence_hints()
+                )
+
+    def _save_sharded_checkpoint(self) -> Path:
+        """save_checkpoint under FSDP, on every rank: each writes its shards of model and optimizer through
+        torch.distributed.checkpoint into the checkpoint's sharded/ folder, then rank 0 writes the gathered
+        EMA, the config and state.json, and completes the checkpoint as write_checkpoint does."""
+        from safetensors.torch import save_file
+
+        if self.out_dir is None:
+            raise RuntimeError("save_checkpoint needs a trainer with an out_dir")
+        self._check_finite_weights(self.sharded_ema.module)
+        folders = [begin_checkpoint(self.out_dir, self.step) if self.process.is_main else None]
+        if self.process.world_size > 1:
+            dist.broadcast_object_list(folders, src=0)  # the ranks write into rank 0's new folder
+        partial, final = folders[0]
+        save_sharded(partial / SHARDED_DIR, self.net, self.optimizer)
+        ema_state = self.sharded_ema.state_dict_on_rank0()
+        if self.process.is_main:
+            save_file(_contiguous(ema_state), partial / EMA_FILE)
+            write_json_durably(partial / CONFIG_FILE, self.config_json())
+            finish_checkpoint(self.out_dir, partial, final, {"step": self.step}, keep=self.config.keep)
+        if self.process.world_size > 1:
+            dist.barrier()  # the checkpoint is complete for every rank when save_checkpoint returns
+        return final
+
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Loads model, optimizer, step and (rank 0) EMA of a checkpoint (a folder, or a run directory's
         newest complete one), after verifying every file's checksum."""
@@ -1023,6 +1125,22 @@ class Trainer:
 
     def _load_checkpoint(self, directory: Path, state: dict) -> None:
         """load_checkpoint for a folder whose files open_checkpoint has verified (state: its state.json)."""
+        is_sharded = (directory / SHARDED_DIR).is_dir()
+        if is_sharded != self.sharded:
+            written = "--dist fsdp" if is_sharded else "--dist ddp"
+            raise CheckpointError(
+                f"{directory}: written by a {written} run, which this trainer (dist={self.config.dist!r}) "
+                f"cannot load: continue it with {written}"
+            )
+        if self.sharded:
+            try:
+                load_sharded(directory / SHARDED_DIR, self.net, self.optimizer)
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise CheckpointError(f"{directory / SHARDED_DIR}: does not fit this model ({err})") from None
+            self.sharded_ema.load_full(load_tensors(directory / EMA_FILE, self.device))
+            self.step = state["step"]
+            self._reset_divergence_watch()
+            return
         load_module_weights(self.net, directory / MODEL_FILE, self.device)
         if self.ema is not None:
             load_module_weights(self.ema, directory / EMA_FILE, self.device)

@@ -193,7 +193,7 @@ def test_the_log_holds_throughput_the_step_phases_and_the_loss_by_time(tmp_path)
         assert record["train_flops_per_sample"] == imm_training_step_flops(
             DiT(input_size=8, in_channels=1, num_classes=0, **SMALL_DIT)
         )
-        assert set(record["step_ms"]) == {"data", "forward", "backward", "optimizer", "ema"}
+        assert set(record["step_ms"]) == {"data", "forward", "loss", "backward", "optimizer", "ema"}
         assert all(ms > 0 for ms in record["step_ms"].values())
         # The bins split the logged loss: their group-weighted mean is it (4 groups x 2 steps).
         counts, means = record["groups_by_t"], record["loss_by_t"]

@@ -32,9 +32,11 @@ def test_short_digits_run_lowers_the_fd():
         steps=(1, 2),
         num_samples=500,
     )
-    fd = {row.name: row.fd for row in rows}
-    assert fd["trained, 1 step"] < fd["untrained model, 1 step"] / 3, format_metric_table(rows)
-    assert fd["trained, 2 steps"] < fd["untrained model, 1 step"] / 3, format_metric_table(rows)
+    # Lower by far more than the FDs' sampling spreads (the std over the table's draws).
+    by_name = {row.name: row for row in rows}
+    untrained = by_name["untrained model, 1 step"]
+    for trained in (by_name["trained, 1 step"], by_name["trained, 2 steps"]):
+        assert trained.fd + 4 * (trained.fd_std + untrained.fd_std) < untrained.fd, format_metric_table(rows)
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -49,7 +51,7 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_checkpoint_then_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     # cuDNN may otherwise pick convolution gradients that sum with atomics (a GPU's only source of drift here).
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    # Dropout, label dropout and an epoch boundary (1438 digits / 64 per step) all depend on the RNG and data order.
+    # Dropout, label dropout and an epoch boundary (1085 digits / 64 per step) all depend on the RNG and data order.
     config = TrainConfig(steps=24, conditional=True, dropout=0.2, label_dropout=0.3, seed=3, **{**TINY, "batch": 64})
     straight = Trainer(config, tmp_path / "straight", progress=False)
     straight.train()
@@ -173,7 +175,7 @@ def test_nvtx_ranges_around_the_step_phases(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvtx", fake)
     monkeypatch.setenv("IMM_KERNELS_NVTX", "1")
     Trainer(TrainConfig(**TINY), None, progress=False).train_step()
-    assert ranges == [(name, "imm_kernels") for name in ("data", "forward", "backward", "optimizer", "ema")]
+    assert ranges == [(name, "imm_kernels") for name in ("data", "forward", "loss", "backward", "optimizer", "ema")]
     monkeypatch.setenv("IMM_KERNELS_NVTX", "0")
     ranges.clear()
     Trainer(TrainConfig(**TINY), None, progress=False).train_step()
