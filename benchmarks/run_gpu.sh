@@ -9,6 +9,9 @@
 #   bench-full N [OUT_DIR]   build, then chunk N of `pytest benchmarks/ --benchmark-only`
 #                            (`bench-full list` prints the chunks and their estimated times)
 #   bench [PYTEST ARGS]      build, then `pytest --benchmark-only` on what you name (default benchmarks/)
+#   train-check [OUT_DIR]    build, then benchmarks/train_check.py: 200 DiT-S/2 steps on random latents
+#                            per training path (fp32, bf16, bf16 + compile, bf16 FSDP on one rank):
+#                            the loss falls and the paths agree
 #   all (the default)        build, the whole test suite, every benchmark: longer than one device call
 #   --dry-run                print what the stage would run (commands, test selection, benchmarks)
 #                            and check that every file it names exists; needs no GPU, writes nothing
@@ -89,7 +92,7 @@ list_chunks() {
 
 bench_args=()
 case "$stage" in
-    first-contact|tests) out="${1:-${OUT:-bench-out}}" ;;
+    first-contact|tests|train-check) out="${1:-${OUT:-bench-out}}" ;;
     bench-full)
         chunk="${1:-}"
         out="${2:-${OUT:-bench-out}}"
@@ -330,6 +333,7 @@ files=(setup.py CMakeLists.txt)
 case "$stage" in
     first-contact) files+=(tests/conftest.py "${FIRST_CONTACT_TESTS[@]}" "$HEADLINE_SCRIPT") ;;
     tests) files+=(tests/conftest.py) ;;
+    train-check) files+=(benchmarks/train_check.py) ;;
     bench-full)
         files+=("${BENCH_SUPPORT[@]}")
         for n in ${chunk:-$(seq 1 "$BENCH_CHUNKS")}; do
@@ -357,6 +361,15 @@ case "$stage" in
         run_tests "$tests_limit" "${FIRST_CONTACT_TESTS[@]}"
         run_headline ;;  # last: its table is the last thing printed
     tests) run_tests "$(left)" tests ;;
+    train-check)
+        cmd=(python3 benchmarks/train_check.py --out "$out" --steps 200)
+        if [ "$dry_run" = 1 ]; then
+            echo "train check (the rest of the budget) -> $out/train_check.json, $out/train_check.log:"
+            show "$(quoted "${cmd[@]}")"
+        else
+            limited "$(left 5)" "${cmd[@]}" 2>&1 | tee "$out/train_check.log"
+            bench_status=${PIPESTATUS[0]}
+        fi ;;
     bench-full)
         if [ "$dry_run" = 1 ]; then
             echo "benchmarks (the rest of the budget) -> $out/benchmarks.log, $out/<op>.{json,md};"

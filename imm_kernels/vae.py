@@ -1,10 +1,15 @@
-"""Decoding IMM latents to pixels with a Stable Diffusion VAE (the optional `vae` extra).
+"""Stable Diffusion VAE latents for the ImageNet-256 IMM models, both ways (the optional `vae` extra).
 
 The ImageNet-256 IMM models work on whitened VAE latents: each channel of the raw VAE latent
 is mapped to `raw * scale + bias`, with `scale = final_std / raw_std` and
-`bias = final_mean - raw_mean * scale` computed in float32. Decoding undoes that per channel,
-runs the VAE decoder in batches, and turns its [-1, 1] output into uint8 by truncation, as
-the official IMM release does.
+`bias = final_mean - raw_mean * scale` computed in float32.
+
+`LatentEncoder` turns uint8 images into those final latents: the VAE encoder's posterior (mean,
+std) in batches, one draw `mean + std * noise` (or the mean alone), then the whitening, as the
+official encoder does for each training batch. `LatentDecoder` undoes the whitening per channel,
+runs the VAE decoder in batches, and turns its [-1, 1] output into uint8 by truncation, as the
+official IMM release does; it decodes what `LatentEncoder` encodes. `center_crop` is the ADM
+ImageNet crop that images get before encoding.
 
 The VAE comes from a local folder only; nothing is downloaded. Fetch stabilityai/sd-vae-ft-ema
 once (`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR`) and pass DIR.
@@ -30,6 +35,8 @@ __all__ = [
     "IMAGENET256_VAE",
     "DEFAULT_BATCH_SIZE",
     "latent_scale_and_bias",
+    "center_crop",
+    "LatentEncoder",
     "LatentDecoder",
 ]
 
@@ -80,7 +87,7 @@ def _import_diffusers():
     try:
         import diffusers
     except ImportError as err:
-        raise ImportError(f"decoding latents with a VAE needs diffusers: {_INSTALL_HINT}") from err
+        raise ImportError(f"encoding or decoding latents with a VAE needs diffusers: {_INSTALL_HINT}") from err
     return diffusers
 
 
@@ -102,11 +109,29 @@ def _check_vae_folder(path: Path) -> None:
         raise ValueError(f"VAE config {str(config_file)!r} describes {class_name!r}, not an AutoencoderKL")
 
 
-class LatentDecoder:
-    """Final (whitened) latents -> uint8 pixels through a diffusers AutoencoderKL, as the IMM release decodes.
+def center_crop(image, resolution: int):
+    """A PIL image cropped to resolution x resolution by ADM's ImageNet rule (EDM2's center-crop-dhariwal).
 
-    `vae` is an AutoencoderKL already on its device and dtype; `LatentDecoder.from_pretrained` loads
-    one from a local folder. The defaults are the released ImageNet-256 scaling of sd-vae-ft-ema.
+    While the short side is at least twice the resolution, the image is halved with a box filter; then it is
+    resized (bicubic) so the short side equals the resolution, the long side rounded, and the centre square
+    kept (the extra pixel of an odd margin goes to the right and bottom).
+    """
+    from PIL import Image
+
+    resolution = check_positive_int("resolution", resolution)
+    while min(image.size) >= 2 * resolution:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    factor = resolution / min(image.size)
+    image = image.resize((round(image.width * factor), round(image.height * factor)), resample=Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+class _WhitenedVAE:
+    """A diffusers AutoencoderKL (already on its device and dtype) with the per-channel whitening of its latents.
+
+    `from_pretrained` loads one from a local folder. The defaults are the released ImageNet-256 scaling of
+    sd-vae-ft-ema.
     """
 
     def __init__(
@@ -126,6 +151,8 @@ class LatentDecoder:
                 f"raw_mean and raw_std must have {self.latent_channels} values, one per VAE latent channel,"
                 f" got {len(self.scale)}"
             )
+        # Every encoder block but the last halves the image (8 for Stable Diffusion VAEs).
+        self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.vae = vae.eval().requires_grad_(False)
         parameter = next(vae.parameters())
@@ -145,7 +172,7 @@ class LatentDecoder:
         final_mean: float = FINAL_MEAN,
         final_std: float = FINAL_STD,
         batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> LatentDecoder:
+    ):
         """Loads the AutoencoderKL saved in the local folder `path` (never from the network).
 
         device: CUDA when available by default. dtype: float16 on CUDA (as released), float32
@@ -180,6 +207,75 @@ class LatentDecoder:
             final_std=final_std,
             batch_size=batch_size,
         )
+
+
+class LatentEncoder(_WhitenedVAE):
+    """uint8 images -> final (whitened) latents through a diffusers AutoencoderKL, as the IMM release encodes.
+
+    The output is what the ImageNet-256 models train on and what `LatentDecoder` (with the same scaling)
+    decodes: `(mean + std * noise) * scale + bias` per channel, with (mean, std) the VAE encoder's
+    posterior of the pixels scaled to [-1, 1]. The official pipeline stores (mean, std) and draws the
+    noise afresh each time an image is used; a data set of latents for `imm-kernels train` holds one draw.
+    """
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents of resolution x resolution images."""
+        resolution = check_positive_int("resolution", resolution)
+        if resolution % self.downsampling:
+            raise ValueError(
+                f"resolution must be a multiple of the VAE's downsampling factor {self.downsampling}, got {resolution}"
+            )
+        side = resolution // self.downsampling
+        return (self.latent_channels, side, side)
+
+    def encode(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) uint8 pixels -> (B, C, H/f, W/f) float32 final latents on the pixels' device.
+
+        noise: (B, C, H/f, W/f) standard normal draws for the posterior sample `mean + std * noise`, as the
+        official encoder takes it (its randn_like); None encodes the posterior mean. f: `downsampling`.
+        """
+        self._check_pixels(pixels)
+        shape = (pixels.shape[0], self.latent_channels, *(side // self.downsampling for side in pixels.shape[2:]))
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or not noise.dtype.is_floating_point:
+                raise TypeError(f"noise must be a floating-point torch.Tensor, got {_describe(noise)}")
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have the latents' shape {shape}, got {tuple(noise.shape)}")
+        x = pixels.to(device=self.device, dtype=torch.float32) / 127.5 - 1
+        means, stds = [], []
+        with torch.no_grad():
+            for batch in x.split(self.batch_size):
+                posterior = self.vae.encode(batch.to(self.dtype)).latent_dist
+                means.append(posterior.mean.to(torch.float32))
+                stds.append(posterior.std.to(torch.float32))
+        latents = torch.cat(means)
+        if noise is not None:
+            latents = latents + noise.to(device=self.device, dtype=torch.float32) * torch.cat(stds)
+        latents = latents * self._scale + self._bias
+        return latents.to(pixels.device)
+
+    def _check_pixels(self, pixels) -> None:
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
+            raise TypeError(f"pixels must be a uint8 torch.Tensor (values 0..255), got {_describe(pixels)}")
+        if pixels.dim() != 4 or pixels.shape[0] == 0 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (batch >= 1, 3, height, width), got shape {tuple(pixels.shape)}")
+        if any(side % self.downsampling for side in pixels.shape[2:]):
+            raise ValueError(
+                f"pixels' height and width must be multiples of the VAE's downsampling factor {self.downsampling},"
+                f" got {tuple(pixels.shape[2:])}"
+            )
+
+
+def _describe(value) -> str:
+    return f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+class LatentDecoder(_WhitenedVAE):
+    """Final (whitened) latents -> uint8 pixels through a diffusers AutoencoderKL, as the IMM release decodes.
+
+    `vae` is an AutoencoderKL already on its device and dtype; `LatentDecoder.from_pretrained` loads
+    one from a local folder. The defaults are the released ImageNet-256 scaling of sd-vae-ft-ema.
+    """
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) floating-point final latents -> (B, 3, H*f, W*f) uint8 pixels on the latents' device.

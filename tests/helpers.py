@@ -128,3 +128,19 @@ def save_tiny_vae(folder, sample_size: int = 32):
     )
     vae.save_pretrained(folder)
     return folder
+
+
+class TinyInception(torch.nn.Module):
+    """A stand-in for the FID Inception with its interface: uint8 (N, 3, H, W) -> (N, 6) float32 features
+    (the same weights on every construction; the global RNG is left as it was)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 6, 3)
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3, (images.dtype, images.shape)
+        x = torch.tanh(self.conv(images.float() / 128 - 1))
+        return torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1) + x.amax((2, 3))

@@ -221,3 +221,26 @@ def test_a_section_is_stopped_at_its_limit_with_everything_it_started(first_cont
     while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process_gone(pid)
+
+
+def test_train_check_dry_run_and_a_tiny_run_on_the_cpu(tmp_path):
+    run = dry_run("train-check", str(tmp_path / "dry"))
+    assert succeeded(run)
+    assert "benchmarks/train_check.py --out" in run.stdout
+
+    out = tmp_path / "check"
+    command = [sys.executable, str(REPO / "benchmarks" / "train_check.py"), "--out", str(out), "--tiny"]
+    command += ["--steps", "8", "--paths", "fp32,bf16,bf16+fsdp(1 rank)"]
+    # Without Triton's interpreter (the tests' default here): the script runs the CPU kernels, as a user's would.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "train_check.json").read_text())
+    paths = {entry["path"]: entry for entry in report["paths"]}
+    assert set(paths) == {"fp32", "bf16", "bf16+fsdp(1 rank)"}
+    assert all(entry["falls"] and entry["agrees"] for entry in paths.values())
+    # FSDP on one rank computes what the unsharded path computes
+    assert paths["bf16+fsdp(1 rank)"]["first_rel_to_bf16"] <= 1e-3
+
+    bad = subprocess.run([*command[:-2], "--paths", "fp32"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "--paths must name bf16" in bad.stderr

@@ -1,5 +1,5 @@
-"""LatentDecoder: the released ImageNet-256 latent scaling, VAE decoding as the IMM release does it, and
-loading from a local folder only, with clear errors.
+"""LatentDecoder and LatentEncoder: the released ImageNet-256 latent scaling, VAE decoding and encoding as the
+IMM release does them, the ADM center crop, and loading from a local folder only, with clear errors.
 
 The VAE here is a tiny random AutoencoderKL (4 blocks of 8 channels) saved to a temporary folder: it keeps
 the 8x upsampling of the Stable Diffusion VAEs, so 4x4 latents decode to 32x32 images.
@@ -23,6 +23,8 @@ from imm_kernels.vae import (  # noqa: E402
     IMAGENET256_RAW_MEAN,
     IMAGENET256_RAW_STD,
     LatentDecoder,
+    LatentEncoder,
+    center_crop,
     latent_scale_and_bias,
 )
 
@@ -142,6 +144,167 @@ def test_decode_runs_the_vae_in_batches_of_batch_size(vae_folder, monkeypatch):
     one_batch = LatentDecoder.from_pretrained(vae_folder, device="cpu", batch_size=8).decode(latents)
     assert (pixels.int() - one_batch.int()).abs().max() <= 1
     assert (pixels != one_batch).float().mean() < 0.01
+
+
+# ----------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------
+
+
+def random_pixels(count, seed=0, side=LATENT_SIZE * SCALE_FACTOR):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, side, side), generator=generator, dtype=torch.uint8)
+
+
+def standard_normal(count, seed=1):
+    return torch.randn(count, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def official_encode(vae, pixels, noise, batch_size, dtype):
+    """The IMM release's encoding, written out independently: pixels to [-1, 1], the VAE's posterior
+    (mean, std) in batches, mean + noise * std, then numpy float32 scale and bias."""
+    x = pixels.to(torch.float32) / 127.5 - 1
+    with torch.no_grad():
+        posteriors = [vae.encode(batch.to(dtype)).latent_dist for batch in x.split(batch_size)]
+    mean = torch.cat([p.mean for p in posteriors]).to(torch.float32)
+    std = torch.cat([p.std for p in posteriors]).to(torch.float32)
+    x = mean + noise.to(mean.device) * std
+    scale = np.float32(0.5) / np.float32(RELEASED_RAW_STD)
+    bias = np.float32(0) - np.float32(RELEASED_RAW_MEAN) * scale
+    x = x * torch.tensor(scale, device=x.device).reshape(1, -1, 1, 1)
+    return x + torch.tensor(bias, device=x.device).reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("device,dtype", DECODE_CASES)
+def test_encode_equals_the_official_computation_bit_for_bit(vae_folder, no_network, device, dtype):
+    encoder = LatentEncoder.from_pretrained(vae_folder, device=device, dtype=dtype)
+    pixels, noise = random_pixels(10), standard_normal(10)  # two VAE batches: 8 + 2
+    latents = encoder.encode(pixels, noise)
+    expected = official_encode(load_reference_vae(vae_folder, device, dtype), pixels.to(device), noise, 8, dtype)
+
+    assert latents.dtype == torch.float32 and latents.device == pixels.device
+    assert latents.shape == (10, 4, LATENT_SIZE, LATENT_SIZE)
+    assert torch.equal(latents, expected.cpu())
+    assert not no_network
+
+
+def test_encode_runs_the_vae_in_batches_and_noise_moves_the_posterior_mean_by_std(vae_folder, monkeypatch):
+    encoder = LatentEncoder.from_pretrained(vae_folder, device="cpu", batch_size=2)
+    vae_inputs = []
+    vae_encode = encoder.vae.encode
+    monkeypatch.setattr(encoder.vae, "encode", lambda x: vae_inputs.append(x) or vae_encode(x))
+    pixels, noise = random_pixels(5, seed=2), standard_normal(5)
+    at_mean = encoder.encode(pixels)
+    assert [len(batch) for batch in vae_inputs] == [2, 2, 1]
+    assert torch.equal(torch.cat(vae_inputs), pixels.float() / 127.5 - 1)
+
+    with torch.no_grad():
+        std = encoder.vae.encode(pixels.float() / 127.5 - 1).latent_dist.std
+    scale = torch.from_numpy(encoder.scale).reshape(1, -1, 1, 1)
+    assert std.min() > 0
+    torch.testing.assert_close(encoder.encode(pixels, noise) - at_mean, noise * std * scale, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_inverts_the_encoders_whitening(vae_folder):
+    """decode(encode(pixels)) is the VAE's reconstruction of its own posterior mean: the decoder undoes
+    exactly the scaling the encoder applies (a random VAE reconstructs nothing, so the pixels themselves
+    cannot be compared)."""
+    encoder = LatentEncoder.from_pretrained(vae_folder, device="cpu")
+    decoder = LatentDecoder.from_pretrained(vae_folder, device="cpu")
+    pixels = random_pixels(6, seed=3)
+    latents = encoder.encode(pixels)
+    with torch.no_grad():
+        raw_mean = encoder.vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean
+        reconstruction = decoder._to_uint8(decoder.vae.decode(raw_mean).sample)
+    # The final latents are whitened: the raw latents' released mean and std map to 0 and 0.5 per channel.
+    raw_from_final = (latents - torch.from_numpy(decoder.bias).reshape(1, -1, 1, 1)) / torch.from_numpy(
+        decoder.scale
+    ).reshape(1, -1, 1, 1)
+    torch.testing.assert_close(raw_from_final, raw_mean, rtol=1e-5, atol=1e-5)
+    decoded = decoder.decode(latents)
+    assert len(reconstruction.unique()) > 100
+    # float32 rounding of scale-then-unscale can move a value across an integer: one level at most.
+    assert (decoded.int() - reconstruction.int()).abs().max() <= 1
+    assert (decoded != reconstruction).float().mean() < 0.01
+
+
+def test_latent_shape_and_defaults(vae_folder):
+    encoder = LatentEncoder.from_pretrained(vae_folder)
+    on_cuda = torch.cuda.is_available()
+    assert encoder.dtype == (torch.float16 if on_cuda else torch.float32) and encoder.batch_size == 8
+    assert encoder.downsampling == SCALE_FACTOR
+    assert encoder.latent_shape(256) == (4, 32, 32)
+    with pytest.raises(ValueError, match=r"resolution must be a multiple of the VAE's downsampling factor 8, got 60"):
+        encoder.latent_shape(60)
+
+
+@pytest.mark.parametrize(
+    "pixels,noise,error,match",
+    [
+        (np.zeros((1, 3, 32, 32), np.uint8), None, TypeError, r"pixels must be a uint8 torch\.Tensor.*got ndarray"),
+        (torch.zeros(1, 3, 32, 32), None, TypeError, r"pixels must be a uint8 .*got torch\.float32 tensor"),
+        (torch.zeros(1, 32, 32, 3, dtype=torch.uint8), None, ValueError, r"\(batch >= 1, 3, height, width\)"),
+        (torch.zeros(0, 3, 32, 32, dtype=torch.uint8), None, ValueError, r"got shape \(0, 3, 32, 32\)"),
+        (torch.zeros(1, 3, 32, 36, dtype=torch.uint8), None, ValueError, r"multiples of .* factor 8, got \(32, 36\)"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, 4, 4, 4), ValueError, r"noise must have"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, 4, 4, 4, dtype=torch.int64), TypeError, "noise"),
+    ],
+    ids=["numpy", "float", "channels-last", "empty", "not-multiple-of-8", "noise-shape", "integer-noise"],
+)
+def test_bad_pixels_or_noise(vae_folder, pixels, noise, error, match):
+    encoder = LatentEncoder.from_pretrained(vae_folder, device="cpu")
+    with pytest.raises(error, match=match):
+        encoder.encode(pixels, noise)
+
+
+# ----------------------------------------------------------------------------
+# The ADM center crop
+# ----------------------------------------------------------------------------
+
+
+def pattern(height, width, seed=0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_center_crop_keeps_an_image_of_the_resolution():
+    image = pattern(32, 32)
+    assert np.array_equal(np.asarray(center_crop(image, 32)), np.asarray(image))
+
+
+def test_center_crop_halves_with_a_box_filter_first():
+    """A 2x nearest-neighbour enlargement comes back exactly: box halving averages each 2x2 block of equal
+    pixels (a direct bicubic downscale would not give the original back)."""
+    image = pattern(32, 32, seed=1)
+    enlarged = np.asarray(image).repeat(2, 0).repeat(2, 1)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(center_crop(Image.fromarray(enlarged), 32)), np.asarray(image))
+
+
+@pytest.mark.parametrize("width,left", [(96, 32), (97, 32), (33, 0)])
+def test_center_crop_keeps_the_centre_the_odd_pixel_to_the_right(width, left):
+    image = pattern(32, width, seed=2)  # short side 32: no halving, no resize, only the crop
+    assert np.array_equal(np.asarray(center_crop(image, 32)), np.asarray(image)[:, left : left + 32])
+    tall = pattern(width, 32, seed=3)
+    assert np.array_equal(np.asarray(center_crop(tall, 32)), np.asarray(tall)[left : left + 32])
+
+
+def test_center_crop_halves_while_the_short_side_is_at_least_twice_the_resolution():
+    from PIL import Image
+
+    image = pattern(130, 260, seed=4)  # 260x130 (width x height) -> 130x65 -> 65x32 (65 >= 64 halves too)
+    halved = image.resize((130, 65), Image.BOX).resize((65, 32), Image.BOX)
+    assert np.array_equal(np.asarray(center_crop(image, 32)), np.asarray(halved)[:, 16:48])
+
+
+def test_center_crop_resizes_the_short_side_to_the_resolution_bicubic():
+    from PIL import Image
+
+    image = pattern(50, 70, seed=5)  # short side 50 < 64: no halving; 70 * 32 / 50 = 44.8 rounds to 45
+    resized = image.resize((45, 32), Image.BICUBIC)
+    assert np.array_equal(np.asarray(center_crop(image, 32)), np.asarray(resized)[:, 6:38])
 
 
 # ----------------------------------------------------------------------------

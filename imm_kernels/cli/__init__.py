@@ -1,10 +1,13 @@
 """The `imm-kernels` command (also `python -m imm_kernels`).
 
     imm-kernels demo      train IMM on 8×8 digits (4–5 min on 2 CPU cores), print the metric table
-    imm-kernels train     train IMM on digits, 2-D toys or your data (also under torchrun)
-    imm-kernels eval      sample a checkpoint: metric table for digits, plots or arrays otherwise
+    imm-kernels study     group size × lr × seed on digits at one budget: FD vs steps, divergence, collapse
+    imm-kernels train     train IMM on digits, 2-D toys or your data (also under torchrun, DDP or FSDP)
+    imm-kernels eval      sample a checkpoint: metric table for digits, Inception FID/KID (--fid), plots or arrays
+    imm-kernels plot      a run's training curves, FD vs sampling steps or 2-D scatter plots as PNGs
     imm-kernels sample    few-step samples of a checkpoint (CUDA-graph replay on a GPU) as one PNG
     imm-kernels convert   a released IMM checkpoint (.pkl) as a model folder (safetensors + JSON)
+    imm-kernels encode    images -> VAE latents (shards the trainer streams), through a local diffusers VAE
     imm-kernels bench-sampling
                           latency per sampling call: eager vs torch.compile vs GraphedSampler
     imm-kernels report    backends available here, their accuracy against float64,
@@ -24,12 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import bench_sampling, common, convert, demo, evaluate, report, sample, train
+from . import bench_sampling, common, convert, demo, encode, evaluate, plot, report, sample, study, train
 
 DEBUG_VARIABLE = "IMM_KERNELS_DEBUG"
 
 # In the order `imm-kernels --help` lists them.
-COMMANDS = (demo, train, evaluate, sample, convert, bench_sampling, report)
+COMMANDS = (demo, study, train, evaluate, plot, sample, convert, encode, bench_sampling, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

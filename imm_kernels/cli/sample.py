@@ -2,6 +2,12 @@
 
 The checkpoint is a training run (or its checkpoint folder), a model folder written by
 `imm-kernels convert`, or a released IMM checkpoint file (.pkl/.pt, read without executing it).
+
+Besides the PNG, --out takes .npy (the raw float32 samples of every step count) or .npz: one step
+count's samples in the layout evaluation suites read (the ADM / guided-diffusion suite's `arr_0`, and
+its `arr_1` for class labels). Images are uint8 (N, H, W, C), by the PNG's rule (imm_kernels.fid's
+to_uint8_images) or as the VAE decodes them with --vae; other samples (latents without --vae,
+vectors) keep their float32 (N, *shape) layout.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from .common import (
     widest_output_bytes,
 )
 
-OUT_SUFFIXES = (".png", ".npy")
+OUT_SUFFIXES = (".png", ".npy", ".npz")
 
 
 def add_parser(commands) -> None:
@@ -97,8 +103,10 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        help="PNG to write, or .npy for the raw samples (array (step counts, batch, *shape)); its folder is made "
-        "if needed",
+        help="PNG to write; or .npy for the raw samples (float32 array (step counts, batch, *shape)); or .npz for "
+        "one step count's samples as evaluation suites read them: arr_0 uint8 images (batch, H, W, C), by the "
+        "PNG's rule or decoded by --vae (latents without --vae, and vectors: float32 (batch, *shape)), and arr_1 "
+        "the class labels of a conditional model. Its folder is made if needed",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.set_defaults(run=run)
@@ -114,7 +122,8 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
-def _sample_device(name: str) -> torch.device:
+def device_of_choice(name: str) -> torch.device:
+    """The device a --device choice (DEVICE_CHOICES) names; auto: CUDA when available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -172,7 +181,7 @@ def _labels(net, batch: int, given: tuple[int, ...] | None, device) -> torch.Ten
     return torch.tensor(given, device=device).repeat(batch // len(given) + 1)[:batch]
 
 
-def _memory_parts(args, net, data_info, batch: int, device, decoder, writes_array: bool):
+def _memory_parts(args, net, data_info, batch: int, device, decoder, out_kind: str):
     """(device parts, host parts) of the call's memory estimate; see common.sampling_parts."""
     from ..train.data import grid_upscale
 
@@ -195,11 +204,13 @@ def _memory_parts(args, net, data_info, batch: int, device, decoder, writes_arra
         device_parts["decoding"] = ACTIVATION_COPIES * widest * min(batch, decoder.batch_size)
     rows = len(step_counts)
     host_parts = {"results": rows * batch * math.prod(data_info.shape) * 4}
-    if data_info.kind == "image" and not writes_array:  # save_image_grid's float copy and upscaled pixels
+    if data_info.kind == "image" and out_kind == ".png":  # save_image_grid's float copy and upscaled pixels
         channels, height, width = shape
         upscale = grid_upscale(height, width)
         cell = channels * (height * upscale + 2) * (width * upscale + 2)
         host_parts["png"] = rows * batch * (4 * math.prod(shape) + 2 * cell)
+    elif out_kind == ".npz":  # the array written, at most float32
+        host_parts["npz"] = batch * math.prod(shape) * 4
     return device_parts, host_parts
 
 
@@ -209,10 +220,11 @@ def run(args) -> None:
     import numpy as np
 
     from ..train.data import save_image_grid, save_scatter_plot
-    from ..train.sampling_helpers import SCATTER_EXTENT, prior_noise
+    from ..train.sampling_helpers import SCATTER_EXTENT, data_density_points, prior_noise, step_label
 
     out = Path(args.out)
-    writes_array = out.suffix.lower() == ".npy"
+    out_kind = out.suffix.lower()
+    writes_array = out_kind in (".npy", ".npz")
     try:
         if args.batch is not None:  # before the checkpoint loads
             check_count("--batch", args.batch)
@@ -226,7 +238,14 @@ def run(args) -> None:
         is_points = data_info.kind == "vector" and data_info.shape == (2,)
         batch = check_count("--batch", args.batch if args.batch is not None else (1000 if is_points else 16))
         if data_info.kind == "vector" and not is_points and not writes_array:
-            raise ValueError(f"--out must end in .npy for {data_info.shape} vectors (an array of samples), got {out}")
+            raise ValueError(
+                f"--out must end in .npy or .npz for {data_info.shape} vectors (an array of samples), got {out}"
+            )
+        if out_kind == ".npz" and len(args.steps) != 1:
+            raise ValueError(
+                f"--out {out.name} holds one set of samples (arr_0, as evaluation suites read it): give one step "
+                f"count, e.g. --steps {args.steps[0]}, got --steps {','.join(map(str, args.steps))}"
+            )
         is_latent = data_info.kind == "image" and data_info.shape[0] not in (1, 3)
         if is_latent and not writes_array and args.vae is None:
             raise ValueError(
@@ -236,9 +255,9 @@ def run(args) -> None:
         grids = {
             n: time_grid(args.grid, n, net.T, net.eps, args.mid_eta, schedule=net.schedule.name) for n in args.steps
         }
-        device = _sample_device(args.device)
+        device = device_of_choice(args.device)
         decoder = None
-        if args.vae is not None and not writes_array:
+        if args.vae is not None and out_kind != ".npy":  # .npy keeps the raw latents
             if not is_latent:
                 raise ValueError("--vae decodes 4-channel latents; this model samples pixels")
             from ..vae import LatentDecoder
@@ -247,7 +266,7 @@ def run(args) -> None:
         net = net.to(device)
         labels = _labels(net, batch, args.labels, device)
         check_output_file("--out", out, OUT_SUFFIXES, force=args.force)
-        parts = _memory_parts(args, net, data_info, batch, device, decoder, writes_array)
+        parts = _memory_parts(args, net, data_info, batch, device, decoder, out_kind)
         check_sampling_memory("--batch", batch, device, *parts)
     except SETUP_ERRORS as err:
         fail("sample", err)
@@ -278,21 +297,52 @@ def run(args) -> None:
         f"cfg_scale {args.cfg_scale}, {mode}) from {args.checkpoint}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    if writes_array:
+    if out_kind == ".npy":
         with open(out, "wb") as file:  # np.save would add .npy to a name ending in .NPY
             np.save(file, torch.stack(rows).numpy())
         print(f"samples: {out} (array (step counts, batch, *shape))")
         return
+    if out_kind == ".npz":
+        print(f"samples: {_write_npz(out, rows[0], data_info, decoder, labels)}")
+        return
     if decoder is not None:
         rows = [decoder.decode(row.to(device)).cpu().float() / 127.5 - 1 for row in rows]
     if data_info.kind == "image":
-        save_image_grid(torch.cat(rows), out, nrow=batch)
+        save_image_grid(torch.cat(rows), out, nrow=batch, row_labels=[step_label(n) for n in grids])
     else:
+        density = data_density_points(data_info.name)
         with tempfile.TemporaryDirectory() as tmp:
             panels = [
-                save_scatter_plot(points, Path(tmp) / f"{n}.png", extent=SCATTER_EXTENT)
+                save_scatter_plot(
+                    points,
+                    Path(tmp) / f"{n}.png",
+                    extent=SCATTER_EXTENT,
+                    background=density,
+                    label=step_label(n),
+                )
                 for n, points in zip(grids, rows)
             ]
             _side_by_side(panels, out)
     layout = "one row per step count" if data_info.kind == "image" else "one panel per step count, left to right"
     print(f"samples: {out} ({layout})")
+
+
+def _write_npz(out: Path, samples: torch.Tensor, data_info, decoder, labels: torch.Tensor | None) -> str:
+    """Writes one step count's samples as evaluation suites read them; returns what the file holds."""
+    import numpy as np
+
+    from ..fid import to_uint8_images
+
+    if decoder is not None:
+        pixels = decoder.decode(samples.to(decoder.device)).cpu()
+    elif data_info.kind == "image" and data_info.shape[0] in (1, 3):
+        pixels = to_uint8_images(samples)
+    else:
+        pixels = None
+    arrays = {"arr_0": samples.numpy() if pixels is None else pixels.permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["arr_1"] = labels.cpu().numpy()
+    with open(out, "wb") as file:  # np.savez would add .npz to a name ending in .NPZ
+        np.savez(file, **arrays)
+    what = "float32 (batch, *shape)" if pixels is None else "uint8 images (batch, H, W, C)"
+    return f"{out} (arr_0: {what}{', arr_1: class labels' if labels is not None else ''})"

@@ -6,10 +6,15 @@ tensor is what the trainer indexes. Images are (N, C, H, W) scaled to [-1, 1];
 vectors are (N, D).
 
 The train/test split of finite data is fixed: every fifth sample (indices 4, 9, 14,
-… in the data's own order: sklearn's order, sorted file paths, array rows) is held
-out. It does not depend on the run's seed, so held-out data never leaks into
-training whatever seed a run uses, and with files sorted by class folder it is
-stratified.
+… in the data's own order: sorted file paths, array rows) is held out. It does not
+depend on the run's seed, so held-out data never leaks into training whatever seed
+a run uses, and with files sorted by class folder it is stratified.
+
+The digits are split per class instead (see `digits_split_indices`): sklearn's order
+cycles through the classes, so every fifth digit overall would hold out 2.5 times as
+many 3s as 1s. Their split also sets aside the training digits of the digits metric's
+classifier, so that a model is never scored in features fitted to its own training
+digits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import struct
 import warnings
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,8 @@ from torch import Tensor
 from ..validation import check_choice
 
 SPLITS = ("train", "test", "all")
+# The digits' splits: load_dataset's, and the training digits of the digits metric's classifier.
+DIGITS_SPLITS = ("train", "classifier", "test", "all")
 TOY2D_KINDS = ("checkerboard", "8gaussians")
 BUILTIN_DATASETS = ("digits", "toy2d", *TOY2D_KINDS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -93,7 +101,8 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
     a folder of .png/.jpg images (labels from class subfolders); or a .npy/.npz
     array (npz: key "x" or its only array, optional "y" labels). A local folder
     named like a built-in is read when given as a Path or as "./digits".
-    split: "train", "test" (every fifth sample, held out) or "all".
+    split: "train", "test" (every fifth sample, held out; for digits every fifth of each class, and
+    "train" is three of every five: see `digits_split_indices`) or "all".
     seed: draws the toy2d samples; the split of finite data does not depend on it.
     options: toy2d takes toy= and num_samples= (before the split, default 10000).
 
@@ -107,7 +116,11 @@ def load_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
         if name == "digits":
             if options:
                 raise TypeError(f"digits takes no options, got {sorted(options)}")
-            dataset = _load_digits()
+            digits = _load_digits()
+            if split == "all":
+                return digits
+            rows = digits_split_indices(split, digits.labels)
+            return Dataset(digits.x[rows], digits.labels[rows], digits.num_classes, digits.kind, digits.name)
         else:
             if name in TOY2D_KINDS:
                 options = {"toy": name, **options}
@@ -158,6 +171,32 @@ def _take_split(dataset: Dataset, split: str) -> Dataset:
         )
     labels = None if dataset.labels is None else dataset.labels[keep]
     return Dataset(dataset.x[keep], labels, dataset.num_classes, dataset.kind, dataset.name)
+
+
+def digits_split_indices(split: str, labels: Tensor | None = None) -> Tensor:
+    """Ascending indices into sklearn's 1797 digits (the "all" split) of one of DIGITS_SPLITS.
+
+    The split is per class: number each class's digits 0, 1, 2, … in sklearn's order; number 4 of
+    every five (4, 9, 14, …) is "test" (355 digits, held out), number 3 (3, 8, 13, …) is
+    "classifier" (357 digits, the training digits of the digits metric's classifier, in
+    imm_kernels.train.metrics), numbers 0, 1 and 2 are "train" (1085 digits, what models train
+    on). So every split has the whole set's class proportions, and the three are disjoint.
+    labels: the digits' labels if already loaded (the split depends on nothing else).
+    """
+    check_choice("split", split, DIGITS_SPLITS)
+    labels = _load_digits().labels if labels is None else labels
+    rank_in_class = torch.empty_like(labels)
+    for digit in labels.unique():
+        members = labels == digit
+        rank_in_class[members] = torch.arange(int(members.sum()))
+    position = rank_in_class % HELD_OUT_EVERY
+    keep = {
+        "train": position < HELD_OUT_EVERY - 2,
+        "classifier": position == HELD_OUT_EVERY - 2,
+        "test": position == HELD_OUT_EVERY - 1,
+        "all": torch.ones_like(position, dtype=torch.bool),
+    }[split]
+    return keep.nonzero().squeeze(1)
 
 
 def _load_digits() -> Dataset:
@@ -250,19 +289,21 @@ def _folder_labels(class_of_file: list[str | None]) -> tuple[Tensor | None, int]
     return torch.tensor([index[c] for c in class_of_file], dtype=torch.long), len(class_names)
 
 
-def _read_image(path: Path):
+def _read_image(path: Path, *, limit_side: bool = True):
     """One decoded image file (a PIL image) or a DataFileError naming the file.
 
     Past Image.MAX_IMAGE_PIXELS PIL warns that the file could be a decompression bomb, and past twice
     that it refuses; both are errors here, as are images larger than MAX_IMAGE_SIDE (checked from the
-    header, before decoding), animations, 16-bit and float images and transparent pixels.
+    header, before decoding; limit_side=False skips this, for callers that crop), animations, 16-bit and
+    float images and transparent pixels.
     """
     from PIL import Image
 
     with _image_file_errors(path):
         image = Image.open(path)
         with image:
-            _check_image_side(path, image.size)
+            if limit_side:
+                _check_image_side(path, image.size)
             # A camera JPEG's extra MPO frames (previews, depth) are no animation: its first frame is the photo.
             if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
                 raise DataFileError(f"{path}: an animation of {image.n_frames} frames; save one frame per file")
@@ -412,16 +453,30 @@ def _read_npy(what: str, open_stream, stored_bytes: int) -> np.ndarray:
         raise DataFileError(f"{what}: unreadable, truncated or corrupt ({err})") from err
 
 
+# Sample grids show each image at least this many pixels across: an 8×8 digit becomes 64×64, each of its
+# pixels an 8×8 block (nearest neighbour), so the digit reads plainly at any screen's scale.
+GRID_MIN_SIDE = 64
+_WHITE, _BLACK = 255, 0
+
+
 def grid_upscale(height: int, width: int) -> int:
-    """save_image_grid's default pixel repeat: each image at least 32 pixels across."""
-    return max(1, math.ceil(32 / max(height, width)))
+    """save_image_grid's default pixel repeat: each image at least GRID_MIN_SIDE pixels across."""
+    return max(1, math.ceil(GRID_MIN_SIDE / max(height, width)))
 
 
-def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, upscale: int | None = None) -> Path:
+def save_image_grid(
+    images: Tensor,
+    path: str | os.PathLike,
+    nrow: int = 8,
+    upscale: int | None = None,
+    *,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
     """Writes (N, C, H, W) images in [-1, 1] (values outside are clipped) as one PNG grid.
 
-    nrow: images per row. upscale: integer pixel repeat; None picks one that makes each
-    image at least 32 pixels across, so 8×8 digits are legible. C must be 1 or 3.
+    nrow: images per row. upscale: integer pixel repeat (nearest neighbour); None picks one that makes
+    each image at least GRID_MIN_SIDE pixels across, so 8×8 digits are plainly visible. C must be 1 or 3.
+    row_labels: one text per grid row (e.g. its step count), written in a white margin left of the rows.
     """
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -433,55 +488,140 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, upsc
         upscale = grid_upscale(height, width)
     elif not isinstance(upscale, int) or upscale < 1:
         raise ValueError(f"upscale must be a positive int or None, got {upscale!r}")
+    cols, rows = min(nrow, num), math.ceil(num / nrow)
+    if row_labels is not None and (
+        isinstance(row_labels, str) or len(row_labels) != rows or not all(isinstance(t, str) for t in row_labels)
+    ):
+        raise ValueError(f"row_labels must be {rows} strings, one per grid row, got {row_labels!r}")
 
     from PIL import Image
 
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pixels = pixels.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
     height, width, pad = height * upscale, width * upscale, 2
-    cols, rows = min(nrow, num), math.ceil(num / nrow)
     grid = torch.full((channels, rows * (height + pad) + pad, cols * (width + pad) + pad), 255, dtype=torch.uint8)
     for i in range(num):
         top, left = pad + (i // nrow) * (height + pad), pad + (i % nrow) * (width + pad)
         grid[:, top : top + height, left : left + width] = pixels[i]
     array = grid.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if channels == 1 else array)
+    if row_labels is not None:
+        image = _label_rows(image, row_labels, [pad + r * (height + pad) + height / 2 for r in range(rows)], height)
     path = Path(path)
-    Image.fromarray(array[..., 0] if channels == 1 else array).save(path, format="PNG")
+    image.save(path, format="PNG")
     return path
 
 
-def save_scatter_plot(points: Tensor, path: str | os.PathLike, *, extent: float | None = None, size: int = 512) -> Path:
+def _label_font(size: int):
+    """DejaVu Sans at `size` pixels (matplotlib ships it, so labels look alike everywhere); Pillow's
+    built-in font where FreeType is missing."""
+    import matplotlib
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _label_rows(image, labels: Sequence[str], centres: list[float], row_height: int):
+    """image with a white margin on its left holding labels[r], vertically centred on centres[r]."""
+    from PIL import Image, ImageDraw
+
+    font = _label_font(min(max(row_height // 4, 12), 32))
+    boxes = [ImageDraw.Draw(image).textbbox((0, 0), label, font=font) for label in labels]
+    gap = 8
+    margin = max(right for _, _, right, _ in boxes) + 2 * gap
+    ink, paper = (_BLACK, _WHITE) if image.mode == "L" else ((_BLACK,) * 3, (_WHITE,) * 3)
+    labelled = Image.new(image.mode, (image.width + margin, image.height), paper)
+    labelled.paste(image, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    for label, (_, top, _, bottom), centre in zip(labels, boxes, centres):
+        draw.text((gap, round(centre - (top + bottom) / 2)), label, fill=ink, font=font)
+    return labelled
+
+
+def save_scatter_plot(
+    points: Tensor,
+    path: str | os.PathLike,
+    *,
+    extent: float | None = None,
+    size: int = 512,
+    background: Tensor | None = None,
+    label: str | None = None,
+) -> Path:
     """Writes (N, 2) points as a PNG scatter plot: dark 2×2-pixel dots on white, grey axes.
 
     extent: the plot covers [-extent, extent]² (points outside are left out); None uses
     1.05 × the largest |coordinate|, so the whole sample shows. size: the PNG's width and height.
+    background: (M, 2) draws of the data (many, e.g. 10**5), shown under the points as a grey
+    histogram, darker where the data are denser, so a sample reads against the density it should have.
+    label: a text in the top-left corner (e.g. the step count).
     """
-    if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] != 2:
-        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
-        raise ValueError(f"points must be an (N, 2) tensor, got {shape}")
+    xy = _finite_points("points", points)
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an int >= 8, got {size!r}")
-    xy = points.detach().double().cpu()
-    xy = xy[torch.isfinite(xy).all(1)]
     if extent is None:
         extent = 1.05 * float(xy.abs().max()) if len(xy) else 1.0
         extent = extent if extent > 0 else 1.0
     elif not extent > 0:
         raise ValueError(f"extent must be positive, got {extent!r}")
 
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    canvas = np.full((size, size), 255, dtype=np.uint8)
+    if background is None:
+        canvas = np.full((size, size), _WHITE, dtype=np.uint8)
+    else:
+        canvas = _density_shading(*_scatter_pixels(_finite_points("background", background), extent, size), size)
     centre = size // 2
-    canvas[centre, :] = canvas[:, centre] = 200
-    # Pixel (row, col) of each point; y grows upwards in the plot.
+    canvas[centre, :] = np.minimum(canvas[centre, :], _AXIS_GREY)
+    canvas[:, centre] = np.minimum(canvas[:, centre], _AXIS_GREY)
+    row, col = _scatter_pixels(xy, extent, size)
+    for d_row in (0, 1):
+        for d_col in (0, 1):
+            canvas[row + d_row, col + d_col] = _POINT_GREY
+    image = Image.fromarray(canvas)
+    if label is not None:
+        ImageDraw.Draw(image).text((6, 4), label, fill=_BLACK, font=_label_font(max(12, size // 32)))
+    path = Path(path)
+    image.save(path, format="PNG")
+    return path
+
+
+# Grey levels of the scatter plots: axes, points, and the darkest background (the densest data).
+_AXIS_GREY, _POINT_GREY, _DENSEST_GREY = 200, 30, 170
+# The background histogram's cells are this many pixels on a side: 128² cells on a 512-pixel plot.
+_DENSITY_CELL = 4
+
+
+def _finite_points(name: str, points: Tensor) -> Tensor:
+    """An (N, 2) tensor's rows that are finite, as float64 on the CPU; ValueError for any other shape."""
+    if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] != 2:
+        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
+        raise ValueError(f"{name} must be an (N, 2) tensor, got {shape}")
+    xy = points.detach().double().cpu()
+    return xy[torch.isfinite(xy).all(1)]
+
+
+def _scatter_pixels(xy: Tensor, extent: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of the top-left pixel of each point's 2×2 dot, for the points inside the plot; y grows upwards."""
     col = ((xy[:, 0] / extent + 1) * (size - 2) / 2).round().long()
     row = ((1 - xy[:, 1] / extent) * (size - 2) / 2).round().long()
     inside = (col >= 0) & (col <= size - 2) & (row >= 0) & (row <= size - 2)
-    col, row = col[inside].numpy(), row[inside].numpy()
-    for d_row in (0, 1):
-        for d_col in (0, 1):
-            canvas[row + d_row, col + d_col] = 30
-    path = Path(path)
-    Image.fromarray(canvas).save(path, format="PNG")
-    return path
+    return row[inside].numpy(), col[inside].numpy()
+
+
+def _density_shading(row: np.ndarray, col: np.ndarray, size: int) -> np.ndarray:
+    """A (size, size) uint8 canvas: white where no data fell, down to _DENSEST_GREY at the densest cells.
+
+    The shade follows the square root of the count, so thin tails still show; the 99th percentile of
+    the occupied cells is full shade, so one crowded cell does not wash out the rest.
+    """
+    cells = math.ceil(size / _DENSITY_CELL)
+    counts = np.bincount((row // _DENSITY_CELL) * cells + col // _DENSITY_CELL, minlength=cells * cells)
+    counts = counts.reshape(cells, cells).astype(np.float64)
+    occupied = counts[counts > 0]
+    full = np.percentile(occupied, 99) if len(occupied) else 1.0
+    shade = np.sqrt(np.clip(counts / full, 0.0, 1.0))
+    grey = np.round(_WHITE - (_WHITE - _DENSEST_GREY) * shade).astype(np.uint8)
+    return np.repeat(np.repeat(grey, _DENSITY_CELL, 0), _DENSITY_CELL, 1)[:size, :size].copy()

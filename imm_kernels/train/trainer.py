@@ -1044,7 +1044,7 @@ class Trainer:
             return None
         if is_image:
             return save_steps_grid(ema, path, self.data_info.shape, seed=self.config.seed)
-        return save_points_scatter(ema, path, 1, seed=self.config.seed)
+        return save_points_scatter(ema, path, 1, seed=self.config.seed, data_name=self.data_info.name)
 
     # Checkpoints.
 

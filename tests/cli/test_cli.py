@@ -82,8 +82,8 @@ def test_train_rejects_unknown_choices_and_bad_data_files(tmp_path, capsys):
     err = cli_fails(capsys, "eval", "--checkpoint", str(tmp_path / "nothing"))
     assert f"checkpoint '{tmp_path / 'nothing'}' is not a checkpoint" in err
     assert "expected step counts" in cli_fails(capsys, "eval", "--checkpoint", str(tmp_path), "--steps", "1,x")
-    err = cli_fails(capsys, "demo", "--num-samples", "5000", "--out", str(tmp_path / "demo"))
-    assert "--num-samples must be in [2, 1438]" in err and not (tmp_path / "demo").exists()
+    err = cli_fails(capsys, "demo", "--num-samples", "3", "--out", str(tmp_path / "demo"))
+    assert "--num-samples must be >= 4 for the metric table, got 3" in err and not (tmp_path / "demo").exists()
     assert "group_size must be an int >= 1" in cli_fails(capsys, "demo", "--group-size", "0", "--out", str(tmp_path))
 
 
@@ -92,8 +92,8 @@ def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys
     printed = run_cli(capsys, *"demo --steps 20 --batch 64 --num-samples 200 --out".split(), str(out))
     lines = printed.out.splitlines()
     table = [line for line in lines if line.startswith(("real digits", "gaussian fit", "untrained", "trained"))]
-    assert [line.split("  ")[0].strip() for line in table] == [
-        "real digits (train split)",
+    names = [
+        "real digits (held out)",
         "gaussian fit of the pixels",
         "untrained model, 1 step",
         "trained (EMA), 1 step",
@@ -101,17 +101,14 @@ def test_demo_tiny_budget_prints_the_table_and_eval_reprints_it(tmp_path, capsys
         "trained (EMA), 4 steps",
         "trained (EMA), 8 steps",
     ]
+    assert [line.split("  ")[0].strip() for line in table] == 2 * names  # the FD table, then the class shares
+    assert "FD: 100 samples to as many held-out digits" in printed.out  # half of --num-samples
     assert (out / "samples_m4.png").is_file() and (out / "m4" / "latest").is_file()
 
-    demo_rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in table}
+    # eval scores the checkpoint with the same draws: its model rows are the demo's, to the digit.
     printed = run_cli(capsys, "eval", "--checkpoint", str(out / "m4"), "--num-samples", "200")
-    eval_rows = {
-        line.rsplit(None, 2)[0]: line.split()[-2:]
-        for line in printed.out.splitlines()
-        if line.startswith(("untrained", "trained"))
-    }
-    assert eval_rows == {name: values for name, values in demo_rows.items() if name in eval_rows}
-    assert len(eval_rows) == 5
+    eval_rows = [line for line in printed.out.splitlines() if line.startswith(("untrained", "trained"))]
+    assert len(eval_rows) == 10 and set(eval_rows) <= set(table)
 
 
 def _options(command: str) -> dict:
@@ -128,7 +125,13 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
     from imm_kernels.sampling import GRID_KINDS, SAMPLERS
     from imm_kernels.sampling.latency import BENCH_MODELS, PRECISIONS
     from imm_kernels.schedules import SCHEDULE_NAMES
-    from imm_kernels.train.trainer import DEVICE_CHOICES, MIXED_PRECISION_CHOICES, MODEL_CHOICES, ON_NAN_CHOICES
+    from imm_kernels.train.trainer import (
+        DEVICE_CHOICES,
+        DIST_CHOICES,
+        MIXED_PRECISION_CHOICES,
+        MODEL_CHOICES,
+        ON_NAN_CHOICES,
+    )
 
     expected = {
         "train": {
@@ -140,11 +143,13 @@ def test_every_choice_list_is_the_constant_the_code_checks_against():
             "--device": DEVICE_CHOICES,
             "--on-nan": ON_NAN_CHOICES,
             "--model": MODEL_CHOICES,
+            "--dist": DIST_CHOICES,
         },
+        "eval": {"--device": DEVICE_CHOICES},
         "sample": {"--sampler": SAMPLERS, "--grid": GRID_KINDS, "--device": DEVICE_CHOICES},
         "bench-sampling": {"--model": BENCH_MODELS, "--precision": PRECISIONS},
     }
-    for command in ("demo", "train", "eval", "sample", "convert", "bench-sampling", "report"):
+    for command in ("demo", "study", "train", "eval", "plot", "sample", "convert", "bench-sampling", "report"):
         choices = {flag: action.choices for flag, action in _options(command).items() if action.choices is not None}
         assert choices.keys() == expected.get(command, {}).keys(), command
         assert all(choices[flag] is constant for flag, constant in expected.get(command, {}).items()), command

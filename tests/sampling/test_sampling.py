@@ -491,7 +491,7 @@ def test_cli_sample_writes_the_rows_pushforward_gives(tmp_path, capsys):
     net = load_ema_net(run)[0].to("cuda" if CUDA else "cpu")
     noise, labels = prior_noise(net, 4, (1, 8, 8), 5), balanced_labels(net, 4)
     rows = [pushforward(net, noise, time_grid("edm", n, net.T, net.eps), labels, 1.5).cpu() for n in (1, 3)]
-    expected = save_image_grid(torch.cat(rows), tmp_path / "expected.png", nrow=4)
+    expected = save_image_grid(torch.cat(rows), tmp_path / "expected.png", nrow=4, row_labels=["1 step", "3 steps"])
     assert out.read_bytes() == expected.read_bytes()
 
     err = cli_fails(capsys, "sample", "--checkpoint", str(run), "--steps", "2", "--grid", "eta", "--out", str(out))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from imm_kernels.train.data import DataFileError, load_dataset, save_image_grid, save_scatter_plot
+from imm_kernels.train.data import DataFileError, digits_split_indices, load_dataset, save_image_grid, save_scatter_plot
 
 
 def test_digits_shapes_range_and_labels():
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    assert len(train) + len(test) == 1797 and len(test) == 1797 // 5
+    assert len(train) == 1085 and len(test) == 355  # and 357 for the digits metric's classifier
     for ds in (train, test):
         assert ds.x.dtype == torch.float32 and ds.x.shape[1:] == (1, 8, 8) and ds.shape == (1, 8, 8)
         assert ds.kind == "image" and ds.num_classes == 10
@@ -22,15 +22,29 @@ def test_digits_shapes_range_and_labels():
         assert set(ds.labels.tolist()) == set(range(10))
 
 
-def test_digits_split_is_every_fifth_sample_disjoint_and_seed_independent():
+def test_digits_split_is_per_class_disjoint_and_seed_independent():
     everything = load_dataset("digits", split="all")
     test = load_dataset("digits", split="test")
     train = load_dataset("digits", split="train", seed=3)
-    assert torch.equal(test.x, everything.x[4::5]) and torch.equal(test.labels, everything.labels[4::5])
-    keep = torch.ones(len(everything), dtype=torch.bool)
-    keep[4::5] = False
-    assert torch.equal(train.x, everything.x[keep])
+    position = torch.empty(len(everything), dtype=torch.long)  # each digit's number within its class, mod 5
+    for digit in range(10):
+        rows = (everything.labels == digit).nonzero().squeeze(1)
+        position[rows] = torch.arange(len(rows)) % 5
+    expected = {"test": position == 4, "classifier": position == 3, "train": position <= 2}
+    for split, keep in expected.items():
+        assert torch.equal(digits_split_indices(split), keep.nonzero().squeeze(1)), split
+    assert torch.equal(test.x, everything.x[expected["test"]]) and torch.equal(
+        test.labels, everything.labels[expected["test"]]
+    )
+    assert torch.equal(train.x, everything.x[expected["train"]])
     assert torch.equal(train.x, load_dataset("digits", split="train", seed=0).x)
+    # Stratified: each class is within two digits of a fifth (three fifths for train) of its digits.
+    class_sizes = torch.bincount(everything.labels)
+    for split, share in (("test", 1 / 5), ("classifier", 1 / 5), ("train", 3 / 5)):
+        counts = torch.bincount(everything.labels[digits_split_indices(split)], minlength=10)
+        assert ((counts - share * class_sizes).abs() < 2).all(), (split, counts)
+    with pytest.raises(ValueError, match="split"):
+        digits_split_indices("val")
 
 
 @pytest.mark.parametrize("toy", ["checkerboard", "8gaussians"])
@@ -215,7 +229,7 @@ def test_image_grid_png_layout_and_values(tmp_path):
 
     rgb = save_image_grid(torch.zeros(3, 3, 8, 8), tmp_path / "rgb.png")
     with Image.open(rgb) as png:
-        assert png.mode == "RGB" and png.size == (3 * (32 + 2) + 2, 32 + 4)
+        assert png.mode == "RGB" and png.size == (3 * (64 + 2) + 2, 64 + 4)  # 8×8 shown 64 pixels across
     with pytest.raises(ValueError, match="C = 1 or 3"):
         save_image_grid(torch.zeros(2, 4, 8, 8), tmp_path / "latents.png")
     with pytest.raises(ValueError, match="nrow"):

@@ -35,6 +35,7 @@ CONFIG = TrainConfig(
     seed=5,
     device="cpu",
     dist="fsdp",
+    backend="torch",  # the reference ops: what is tested here is the sharding, and Triton's interpreter is slow
 )
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -263,6 +264,7 @@ def test_torchrun_fsdp_trains_an_mlp_and_a_dit_and_writes_a_sharded_checkpoint(t
             "--master_port",
             str(_free_port()),
             *f"-m imm_kernels train {data} --steps 2 --batch 32 --device cpu --dist fsdp --accum 2".split(),
+            *"--backend torch".split(),
             "--out",
             str(out),
         ]
