@@ -107,6 +107,15 @@ def seed(text: str) -> int:
     return value
 
 
+def device_of_choice(name: str) -> torch.device:
+    """The device a --device choice (DEVICE_CHOICES) names; auto: CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here")
+    return torch.device(name)
+
+
 def check_count(flag: str, value: int, maximum: int = MAX_SAMPLES) -> int:
     """value, an int in [1, maximum]; ValueError naming the option otherwise."""
     if value < 1:

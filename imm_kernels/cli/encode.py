@@ -39,7 +39,15 @@ from ..train.data import (
 )
 from ..train.streaming import _is_compressed_archive, _map_array_file
 from ..train.trainer import DEVICE_CHOICES
-from .common import SETUP_ERRORS, check_count, check_output_file, check_output_folder, fail, seed
+from .common import (
+    SETUP_ERRORS,
+    check_count,
+    check_output_file,
+    check_output_folder,
+    device_of_choice,
+    fail,
+    seed,
+)
 
 MANIFEST = "encode.json"
 MANIFEST_FORMAT = "imm-kernels-latents"
@@ -155,7 +163,7 @@ def _prepare(args) -> _Job:
     from ..vae import LatentEncoder
 
     vae_folder = Path(args.vae).expanduser()
-    encoder = LatentEncoder.from_pretrained(vae_folder, device=_device(args.device), batch_size=args.batch)
+    encoder = LatentEncoder.from_pretrained(vae_folder, device=device_of_choice(args.device), batch_size=args.batch)
     latent_shape = encoder.latent_shape(args.resolution)
     images, labels, class_names, listing_sha256 = _open_images(source, args.resolution)
     dtype = STORED_DTYPES[args.dtype]
@@ -186,14 +194,6 @@ def _prepare(args) -> _Job:
         }
         writer = _ShardFolderWriter(out, manifest, args.shard_size, latent_shape, dtype, labels, force=args.force)
     return _Job(out, images, labels, encoder, latent_shape, writer)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
-    return torch.device(name)
 
 
 def _check_out_folder(out: Path, *, force: bool) -> None:

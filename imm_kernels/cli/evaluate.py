@@ -19,6 +19,7 @@ from .common import (
     check_count,
     check_output_folder,
     check_sampling_memory,
+    device_of_choice,
     fail,
     finite_float,
     parse_step_counts,
@@ -163,7 +164,6 @@ def _fid_setup(args, net, data_info, num_samples: int, batch: int, guided: bool)
     """(net on the device, Inception network, FidScorer): every check before sampling, the reference's
     features included."""
     from .. import fid
-    from .sample import device_of_choice
 
     device = device_of_choice(args.device or "auto")
     net = net.to(device)

@@ -30,6 +30,7 @@ from .common import (
     check_output_file,
     check_sampling_memory,
     comma_separated_labels,
+    device_of_choice,
     fail,
     finite_float,
     parse_step_counts,
@@ -120,15 +121,6 @@ def _float_list(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(value) for value in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers like 1.4 or 10,1.4, got {text!r}")
     return values
-
-
-def device_of_choice(name: str) -> torch.device:
-    """The device a --device choice (DEVICE_CHOICES) names; auto: CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
-    return torch.device(name)
 
 
 def _side_by_side(panels: list[Path], out: Path) -> Path:

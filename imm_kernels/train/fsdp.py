@@ -141,7 +141,8 @@ class ShardedEMA:
     """The EMA of a sharded net's weights, sharded the same way.
 
     make_net() builds an unsharded net of the same architecture (on the training device): it
-    becomes the sharded EMA here, and the full copy that `gather` fills on rank 0.
+    becomes the sharded EMA here (`module`, whose shards the trainer averages the net's shards
+    into), and the full copy that `gather` fills on rank 0.
     """
 
     def __init__(self, net: Preconditioner, make_net, device: torch.device) -> None:
@@ -153,13 +154,6 @@ class ShardedEMA:
                 local(ema_param).copy_(local(param))
             for ema_buffer, buffer in zip(self.module.buffers(), net.buffers()):
                 ema_buffer.copy_(buffer)
-
-    @torch.no_grad()
-    def update(self, net: nn.Module, decay: float) -> None:
-        ema_params = [local(p) for p in self.module.parameters()]
-        torch._foreach_lerp_(ema_params, [local(p) for p in net.parameters()], 1 - decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), net.buffers()):
-            ema_buffer.copy_(buffer)
 
     def state_dict_on_rank0(self) -> dict[str, Tensor]:
         """The full EMA state dict on the CPU of rank 0 ({} on the others); a collective."""

@@ -898,12 +898,11 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (_EMA_RAMP + self.step))
-        if self.sharded_ema is not None:
-            self.sharded_ema.update(self.net, decay)
-            return
-        ema_params, params = list(self.ema.parameters()), list(self.net.parameters())
+        # Under FSDP each rank averages its own shards of the weights into its shards of the EMA.
+        ema = self.ema if self.sharded_ema is None else self.sharded_ema.module
+        ema_params, params = [local(p) for p in ema.parameters()], [local(p) for p in self.net.parameters()]
         torch._foreach_lerp_(ema_params, params, 1 - decay)
-        for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
+        for ema_buffer, buffer in zip(ema.buffers(), self.net.buffers()):
             ema_buffer.copy_(buffer)
 
     # The loop.
