@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import traceback
 
 import torch
 
@@ -159,6 +161,37 @@ def _json_object(text: str) -> dict:
 
 
 def run(args) -> None:
+    if not torch.distributed.is_torchelastic_launched():
+        _train(args)
+        return
+    # A torchrun rank leaves through os._exit once its output is flushed, skipping interpreter
+    # finalization: a gloo worker thread can still be freeing the last collective's tensors then,
+    # and taking the GIL during finalization aborts the process ("terminate called without an
+    # active exception") after a complete run, which torchrun reports as a failure or restarts.
+    # destroy_process_group does not join those threads, and FSDP keeps the group alive after it.
+    status = 1
+    try:
+        _train(args)
+        status = 0
+    except SystemExit as stop:
+        status = _exit_status(stop)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _exit_status(stop: SystemExit) -> int:
+    """The status the interpreter would exit with for `stop`, printing its message as it would."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def _train(args) -> None:
     options = {name: value for name, value in vars(args).items() if name not in _COMMAND_ARGUMENTS}
     try:
         resume = args.resume

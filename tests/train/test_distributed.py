@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from imm_kernels.cli.train import EXIT_PEER_LOST, _exit_status
 from imm_kernels.train import trainer as trainer_module
 from imm_kernels.train.trainer import ProcessInfo, TrainConfig, Trainer, find_checkpoint
 
@@ -222,6 +223,7 @@ def test_a_lost_peer_ends_the_run_with_a_message_and_auto_resume_continues(tmp_p
     )
     assert result.returncode != 0
     assert "rank 0 lost contact with the other processes" in result.stderr, result.stderr[-3000:]
+    assert f"(exitcode: {EXIT_PEER_LOST})" in result.stderr  # the status survives the rank's os._exit
     assert "--auto-resume" in result.stderr
     assert json.loads((find_checkpoint(out) / "state.json").read_text())["step"] == 2  # the last complete one
 
@@ -231,3 +233,9 @@ def test_a_lost_peer_ends_the_run_with_a_message_and_auto_resume_continues(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: step 4" in result.stdout
+
+
+@pytest.mark.parametrize(("stop", "status", "printed"), [(None, 0, ""), (3, 3, ""), ("no data", 1, "no data\n")])
+def test_a_torchrun_rank_exits_with_the_status_and_message_python_would_give(stop, status, printed, capsys):
+    assert _exit_status(SystemExit(stop)) == status
+    assert capsys.readouterr().err == printed
