@@ -83,9 +83,16 @@ def save_model(
         "source": dict(source or {}),
     }
     (partial / MODEL_CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
+    if not directory.exists():
+        partial.rename(directory)
+        return directory
+    # The old folder is moved aside, not deleted, until the new one is in place: a failure between
+    # the two renames leaves it whole in <name>.replaced.
+    replaced = directory.with_name(directory.name + ".replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    directory.rename(replaced)
     partial.rename(directory)
+    shutil.rmtree(replaced)
     return directory
 
 

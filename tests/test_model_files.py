@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,25 @@ def test_an_existing_folder_is_kept_unless_overwrite(official_file, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         convert_official(official_file, folder)
     assert convert_official(official_file, folder, overwrite=True) == folder
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["converted", "official.pkl"]
+
+
+def test_an_overwrite_that_fails_before_the_new_folder_is_in_place_keeps_the_old_one(
+    official_file, tmp_path, monkeypatch
+):
+    folder = convert_official(official_file, tmp_path / "converted")
+    weights = (folder / MODEL_WEIGHTS_FILE).read_bytes()
+    rename = Path.rename
+
+    def fail_for_the_new_folder(self, target):
+        if self.name.endswith(".partial"):
+            raise OSError("disk gone")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_for_the_new_folder)
+    with pytest.raises(OSError, match="disk gone"):
+        convert_official(official_file, folder, overwrite=True)
+    assert (tmp_path / "converted.replaced" / MODEL_WEIGHTS_FILE).read_bytes() == weights
 
 
 def test_corrupt_or_inconsistent_folders_give_one_clear_error(official_file, tmp_path):
