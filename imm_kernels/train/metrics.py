@@ -244,9 +244,10 @@ def fd_draws_between(
         raise ValueError(f"sample_size {sample_size} is more than the {len(features)} samples")
     gen = torch.Generator().manual_seed(seed + 1)
     fds = []
-    for reference_rows, _ in reference_draws:
-        subset = features[torch.randperm(len(features), generator=gen)[:sample_size].numpy()]
-        fds.append(frechet_distance(*_gaussian_stats(subset), *_gaussian_stats(reference[reference_rows])))
+    with _one_blas_thread():
+        for reference_rows, _ in reference_draws:
+            subset = features[torch.randperm(len(features), generator=gen)[:sample_size].numpy()]
+            fds.append(frechet_distance(*_gaussian_stats(subset), *_gaussian_stats(reference[reference_rows])))
     return np.array(fds)
 
 
@@ -263,11 +264,20 @@ def floor_fd_draws_within(
     difference varies about as it would between independent draws of the distribution.
     """
     fds = []
-    for reference_rows, sample_rows in _reference_draws(len(reference), sample_size, draws, seed):
-        fds.append(
-            frechet_distance(*_gaussian_stats(reference[sample_rows]), *_gaussian_stats(reference[reference_rows]))
-        )
+    with _one_blas_thread():
+        for reference_rows, sample_rows in _reference_draws(len(reference), sample_size, draws, seed):
+            fds.append(
+                frechet_distance(*_gaussian_stats(reference[sample_rows]), *_gaussian_stats(reference[reference_rows]))
+            )
     return np.array(fds)
+
+
+def _one_blas_thread():
+    """numpy's BLAS on one thread for the FD draws: their FEATURE_DIM² covariances are too small to
+    gain from threads, and a thread per core made each FD up to 40 times slower on a busy machine."""
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    return threadpool_limits(1, user_api="blas")
 
 
 def _reference_draws(num_rows: int, sample_size: int, draws: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
