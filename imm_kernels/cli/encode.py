@@ -30,14 +30,14 @@ import torch
 from ..train.data import (
     ARRAY_SUFFIXES,
     DataFileError,
-    _check_array_layout,
-    _checked_labels,
-    _folder_labels,
-    _image_folder_files,
-    _read_array_file,
-    _read_image,
+    check_array_layout,
+    checked_labels,
+    folder_labels,
+    image_folder_files,
+    read_array_file,
+    read_image,
 )
-from ..train.streaming import _is_compressed_archive, _map_array_file
+from ..train.streaming import is_compressed_archive, map_array_file
 from ..train.trainer import DEVICE_CHOICES
 from .common import (
     SETUP_ERRORS,
@@ -222,8 +222,8 @@ def _open_images(source: Path, resolution: int):
     """(images: a Dataset of (3, R, R) uint8 tensors, labels: int64 array or None, class names or None,
     a digest of the listing that tells whether it changed since an interrupted encode)."""
     if source.is_dir():
-        files, class_of_file = _image_folder_files(source)
-        labels, _ = _folder_labels(class_of_file)
+        files, class_of_file = image_folder_files(source)
+        labels, _ = folder_labels(class_of_file)
         class_names = None if labels is None else sorted(set(class_of_file))
         listing = hashlib.sha256("\n".join(str(path.relative_to(source)) for path in files).encode())
         return (
@@ -237,8 +237,8 @@ def _open_images(source: Path, resolution: int):
             f"IMAGES {str(source)!r}: expected a folder of images or a uint8 {' / '.join(ARRAY_SUFFIXES)} array"
         )
     # A compressed archive is read into memory; other arrays are memory-mapped (MappedArray), as the trainer reads them.
-    array, labels = _read_array_file(source) if _is_compressed_archive(source) else _map_array_file(source)
-    _check_array_layout(source, array.dtype, array.shape)
+    array, labels = read_array_file(source) if is_compressed_archive(source) else map_array_file(source)
+    check_array_layout(source, array.dtype, array.shape)
     if array.dtype != np.uint8:
         raise DataFileError(
             f"{source}: array has dtype {array.dtype}; encode takes uint8 pixels (0..255). Latents or other "
@@ -246,7 +246,7 @@ def _open_images(source: Path, resolution: int):
         )
     channels_last = _channels_last(source, array.shape)
     if labels is not None:
-        labels = _checked_labels(source, labels, array.shape[0])[0].numpy()
+        labels = checked_labels(source, labels, array.shape[0])[0].numpy()
     stat = source.stat()
     listing = hashlib.sha256(f"{stat.st_size} {stat.st_mtime_ns}".encode())
     return _ArrayImages(array, channels_last, resolution), labels, None, listing.hexdigest()
@@ -264,7 +264,7 @@ def _channels_last(path: Path, shape: tuple[int, ...]) -> bool:
 def _read_rgb(path: Path):
     """An image file as an RGB PIL image, or a DataFileError naming it; as `train --data FOLDER` reads images
     (16-bit, float and transparent images refused), but of any size: ImageNet's photos are cropped here."""
-    return _read_image(path, limit_side=False).convert("RGB")
+    return read_image(path, limit_side=False).convert("RGB")
 
 
 def _pixels(image) -> torch.Tensor:

@@ -235,10 +235,10 @@ def _sample_toy2d(*, seed: int, toy: str = "checkerboard", num_samples: int = 10
 
 def _load_image_folder(root: Path) -> Dataset:
     """Images of one size; labelled by top-level subfolder when every image is in one."""
-    files, class_of_file = _image_folder_files(root)
+    files, class_of_file = image_folder_files(root)
     pixels, first = [], None
     for path in files:
-        image = _read_image(path)
+        image = read_image(path)
         if first is None:
             first = (path, image.size)
         elif image.size != first[1]:
@@ -246,11 +246,11 @@ def _load_image_folder(root: Path) -> Dataset:
         pixels.append(image)
     mode = "L" if all(image.mode in _GRAYSCALE_MODES for image in pixels) else "RGB"
     x = _image_pixels([image.convert(mode) for image in pixels])
-    labels, num_classes = _folder_labels(class_of_file)
+    labels, num_classes = folder_labels(class_of_file)
     return Dataset(x, labels, num_classes, "image", str(root))
 
 
-def _image_folder_files(root: Path) -> tuple[list[Path], list[str | None]]:
+def image_folder_files(root: Path) -> tuple[list[Path], list[str | None]]:
     """A folder's image files, sorted, and each one's class subfolder (None for images at the top level)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -280,7 +280,7 @@ def _image_pixels(images) -> Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
-def _folder_labels(class_of_file: list[str | None]) -> tuple[Tensor | None, int]:
+def folder_labels(class_of_file: list[str | None]) -> tuple[Tensor | None, int]:
     """(labels, num_classes): class subfolders numbered in sorted order, or (None, 0) when unlabelled."""
     if None in class_of_file:
         return None, 0
@@ -289,7 +289,7 @@ def _folder_labels(class_of_file: list[str | None]) -> tuple[Tensor | None, int]
     return torch.tensor([index[c] for c in class_of_file], dtype=torch.long), len(class_names)
 
 
-def _read_image(path: Path, *, limit_side: bool = True):
+def read_image(path: Path, *, limit_side: bool = True):
     """One decoded image file (a PIL image) or a DataFileError naming the file.
 
     Past Image.MAX_IMAGE_PIXELS PIL warns that the file could be a decompression bomb, and past twice
@@ -320,8 +320,8 @@ def _read_image(path: Path, *, limit_side: bool = True):
     return image
 
 
-def _read_image_header(path: Path) -> tuple[tuple[int, int], str]:
-    """(width, height) and PIL mode of an image file, from its header (no decoding); errors as _read_image's."""
+def read_image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(width, height) and PIL mode of an image file, from its header (no decoding); errors as read_image's."""
     from PIL import Image
 
     with _image_file_errors(path), Image.open(path) as image:
@@ -361,8 +361,8 @@ def _load_array_file(path: Path) -> Dataset:
     uint8 arrays are taken as 0..255 pixels and scaled to [-1, 1]; other numbers are
     used as they are (latents come already scaled by their VAE's factor).
     """
-    array, labels = _read_array_file(path)
-    _check_array_layout(path, array.dtype, array.shape)
+    array, labels = read_array_file(path)
+    check_array_layout(path, array.dtype, array.shape)
     if array.dtype == np.uint8:
         x = torch.from_numpy(array).float().div_(127.5).sub_(1.0)
     else:
@@ -370,11 +370,11 @@ def _load_array_file(path: Path) -> Dataset:
             x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not torch.isfinite(x).all():
         raise DataFileError(f"{path}: array contains NaN or infinite values (or values beyond float32)")
-    labels, num_classes = (None, 0) if labels is None else _checked_labels(path, labels, array.shape[0])
+    labels, num_classes = (None, 0) if labels is None else checked_labels(path, labels, array.shape[0])
     return Dataset(x, labels, num_classes, "image" if x.dim() == 4 else "vector", str(path))
 
 
-def _check_array_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+def check_array_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Real numbers, (N, D) or (N, C, H, W), not empty: what an array's header tells."""
     if dtype == np.bool_ or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise DataFileError(f"{path}: array has dtype {dtype}; expected real numbers (float or integer)")
@@ -387,7 +387,7 @@ def _check_array_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> 
         raise DataFileError(f"{path}: array of shape {shape} is empty")
 
 
-def _checked_labels(path: Path, labels: np.ndarray, num_rows: int) -> tuple[Tensor, int]:
+def checked_labels(path: Path, labels: np.ndarray, num_rows: int) -> tuple[Tensor, int]:
     """(int64 labels, num_classes) from a file's 'y' array, or a DataFileError naming the file."""
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataFileError(f"{path}: labels 'y' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
@@ -403,7 +403,7 @@ def _checked_labels(path: Path, labels: np.ndarray, num_rows: int) -> tuple[Tens
     return torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1
 
 
-def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(x, y or None) from a .npy file or an .npz archive (key "x" or its only array, and "y").
 
     The content decides which, as for np.load. Nothing is unpickled, and each array's header is

@@ -51,17 +51,17 @@ from .data import (
     SPLITS,
     DataFileError,
     Dataset,
-    _check_array_layout,
-    _checked_labels,
-    _folder_labels,
-    _image_folder_files,
     _image_pixels,
     _image_size_error,
-    _read_image,
-    _read_image_header,
     _read_npy,
     archive_data_key,
+    check_array_layout,
+    checked_labels,
+    folder_labels,
+    image_folder_files,
     load_dataset,
+    read_image,
+    read_image_header,
     user_data_path,
 )
 
@@ -185,10 +185,10 @@ class ImageFolderSource(DataSource):
 
     def __init__(self, root: Path, split: str) -> None:
         self.root = root
-        self.files, class_of_file = _image_folder_files(root)
+        self.files, class_of_file = image_folder_files(root)
         self.image_size, modes = None, set()
         for path in self.files:
-            size, mode = _read_image_header(path)
+            size, mode = read_image_header(path)
             if self.image_size is None:
                 self.image_size = size
             elif size != self.image_size:
@@ -196,7 +196,7 @@ class ImageFolderSource(DataSource):
             modes.add(mode)
         # load_dataset's rule: grayscale when every image is, otherwise RGB.
         self.mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
-        labels, num_classes = _folder_labels(class_of_file)
+        labels, num_classes = folder_labels(class_of_file)
         width, height = self.image_size
         super().__init__(
             name=str(root),
@@ -212,7 +212,7 @@ class ImageFolderSource(DataSource):
         images = []
         for row in rows:
             path = self.files[row]
-            image = _read_image(path)
+            image = read_image(path)
             if image.size != self.image_size:  # the file changed since it was opened
                 raise _image_size_error(self.root, self.files[0], self.image_size, path, image.size)
             images.append(image.convert(self.mode))
@@ -267,7 +267,7 @@ def open_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
         raise ValueError(
             f"{path}: unsupported data file; expected a folder of images or a {' / '.join(ARRAY_SUFFIXES)} array"
         )
-    if _is_compressed_archive(path):
+    if is_compressed_archive(path):
         return InMemorySource(load_dataset(path, split=split))
     return _open_shards(str(path), [path], split)
 
@@ -275,8 +275,8 @@ def open_dataset(name_or_path: str | os.PathLike, *, split: str = "train", seed:
 def _open_shards(name: str, paths: list[Path], split: str) -> ArraySource:
     shards, labels = [], []
     for path in paths:
-        shard, shard_labels = _map_array_file(path)
-        _check_array_layout(path, shard.dtype, shard.shape)
+        shard, shard_labels = map_array_file(path)
+        check_array_layout(path, shard.dtype, shard.shape)
         if shards:
             first = shards[0]
             if shard.shape[1:] != first.shape[1:]:
@@ -295,13 +295,13 @@ def _open_shards(name: str, paths: list[Path], split: str) -> ArraySource:
                     f"{path}: {with_labels.name} has labels 'y' but {without.name} has none; label every shard or none"
                 )
         shards.append(shard)
-        labels.append(None if shard_labels is None else _checked_labels(path, shard_labels, shard.shape[0])[0])
+        labels.append(None if shard_labels is None else checked_labels(path, shard_labels, shard.shape[0])[0])
     all_labels = None if labels[0] is None else torch.cat(labels)
     num_classes = 0 if all_labels is None else int(all_labels.max()) + 1
     return ArraySource(name, shards, all_labels, num_classes, split)
 
 
-def _is_compressed_archive(path: Path) -> bool:
+def is_compressed_archive(path: Path) -> bool:
     try:
         with open(path, "rb") as file:
             if file.read(2) != b"PK":
@@ -309,10 +309,10 @@ def _is_compressed_archive(path: Path) -> bool:
         with zipfile.ZipFile(path) as archive:
             return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
     except _ARRAY_FILE_ERRORS:
-        return False  # _map_array_file reports what is wrong with it
+        return False  # map_array_file reports what is wrong with it
 
 
-def _map_array_file(path: Path) -> tuple[MappedArray, np.ndarray | None]:
+def map_array_file(path: Path) -> tuple[MappedArray, np.ndarray | None]:
     """(the data array, mapped; labels 'y' read into memory, or None) of a .npy file or an uncompressed .npz."""
     try:
         with open(path, "rb") as file:
