@@ -69,11 +69,10 @@ __all__ = [
 SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint
 
 
-def join_single_process_group(device_type: str) -> None:
+def join_single_process_group(backend: str) -> None:
     """A one-rank default process group (FSDP needs one) for a run started without torchrun."""
     if dist.is_initialized():
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 

@@ -594,7 +594,7 @@ class Trainer:
                     f"dist='fsdp' shards the model over a process group, but rank {self.process.rank} of "
                     f"{self.process.world_size} has none (start the ranks with torchrun)"
                 )
-            join_single_process_group(self.device.type)
+            join_single_process_group(_process_group_backend(self.device.type))
         world_size = self.process.world_size
         if config.batch % (config.group_size * world_size):
             raise ValueError(
@@ -1060,8 +1060,9 @@ class Trainer:
         """Writes checkpoint self.step of the run under out_dir (see imm_kernels.train.checkpoints):
         model, EMA and optimizer (safetensors), config.json and state.json with their SHA-256s.
 
-        Rank 0 only (the EMA lives there). Refuses non-finite weights (TrainingDiverged): a
-        checkpoint is only ever written from finite ones. Keeps the newest config.keep.
+        Rank 0 only (the EMA lives there); under FSDP every rank (see _save_sharded_checkpoint).
+        Refuses non-finite weights (TrainingDiverged): a checkpoint is only ever written from finite
+        ones. Keeps the newest config.keep.
         """
         from safetensors.torch import save_file
 
