@@ -520,6 +520,8 @@ def _mean_pm_std(mean: float | None, std: float | None) -> str:
 def format_summary(records: Sequence[dict], settings: StudySettings) -> str:
     """summary.md: the settings, what the outcomes mean, then three tables (per M and learning rate; FD vs
     steps at each M's best learning rate; every run)."""
+    from .train.sampling_helpers import step_label
+
     cells = summarize(records, settings)
     steps = settings.sampling_steps
     columns = [steps.index(n) for n in TABLE_STEPS]
@@ -559,7 +561,7 @@ def format_summary(records: Sequence[dict], settings: StudySettings) -> str:
         "## FD by group size and learning rate",
         "",
         "| M | lr | runs | "
-        + " | ".join(f"FD, {n} step{'s' if n > 1 else ''}" for n in TABLE_STEPS)
+        + " | ".join(f"FD, {step_label(n)}" for n in TABLE_STEPS)
         + " | diverged | collapsed | 1-step collapsed |",
         "|---:|---:|---:|" + "---:|" * len(TABLE_STEPS) + "---:|---:|---:|",
     ]
@@ -570,7 +572,7 @@ def format_summary(records: Sequence[dict], settings: StudySettings) -> str:
             f"{cell.collapsed}/{cell.runs} | {cell.collapsed_at_one_step}/{cell.runs} |"
         )
     draw_spread = " and ".join(
-        f"{_format_number(_mean_std(c.draw_std[i] for c in cells)[0])} at {n} step{'s' if n > 1 else ''}"
+        f"{_format_number(_mean_std(c.draw_std[i] for c in cells)[0])} at {step_label(n)}"
         for i, n in zip(columns, TABLE_STEPS)
     )
     lines += [
@@ -584,7 +586,7 @@ def format_summary(records: Sequence[dict], settings: StudySettings) -> str:
         "",
         "Best: the fewest diverged or collapsed runs, then the lowest FD averaged over the step counts.",
         "",
-        "| M | lr | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in steps) + " |",
+        "| M | lr | " + " | ".join(step_label(n) for n in steps) + " |",
         "|---:|---:|" + "---:|" * len(steps),
     ]
     for m, cell in best_learning_rates(cells).items():

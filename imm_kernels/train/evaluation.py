@@ -26,6 +26,7 @@ from .sampling_helpers import (
     pushforward_sample,
     save_points_scatter,
     save_steps_grid,
+    step_label,
 )
 from .trainer import EMA_FILE, DataInfo, TrainConfig, build_net, load_module_weights, load_run_config
 
@@ -141,7 +142,7 @@ def digits_metric_rows(
         labels = balanced_labels(net, num_samples)
         for num_steps in step_counts:
             samples = pushforward_sample(net, noise, num_steps, labels, cfg_scale)
-            rows.append(sample_row(f"{label}, {num_steps} step{'s' if num_steps > 1 else ''}", samples))
+            rows.append(sample_row(f"{label}, {step_label(num_steps)}", samples))
     return rows
 
 
