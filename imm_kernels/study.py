@@ -285,11 +285,6 @@ def _append_record(path: Path, record: dict) -> None:
 # One run.
 
 
-def _sample_size(num_samples: int, evaluator) -> int:
-    """The FD's N, as the demo's table takes it: half the samples, at most half the held-out digits."""
-    return min(num_samples // 2, evaluator.max_sample_size)
-
-
 def train_and_score(key: RunKey, settings: StudySettings, evaluator) -> dict:
     """Trains one run and scores its EMA model; returns its record (see run_study). A run that diverges is
     recorded as such (TrainingDiverged is caught here), with its message and no FD."""
@@ -308,7 +303,7 @@ def train_and_score(key: RunKey, settings: StudySettings, evaluator) -> dict:
     train_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    sample_size = _sample_size(settings.num_samples, evaluator)
+    sample_size = evaluator.sample_size(settings.num_samples)
 
     def fd_and_spread(samples: torch.Tensor) -> tuple[float | None, float | None]:
         fds = evaluator.fd_draws(samples, sample_size, draws=settings.draws, seed=FD_DRAW_SEED)

@@ -102,7 +102,7 @@ def digits_metric_rows(
 ) -> list[MetricRow]:
     """The digits table: real held-out digits (the floor), a Gaussian fit, the untrained model, then each model.
 
-    Every row's FD is scored the same way: N = min(num_samples // 2, evaluator.max_sample_size)
+    Every row's FD is scored the same way: N = evaluator.sample_size(num_samples)
     (177 for 1000 samples) samples against N held-out digits, over `draws` random draws that share
     their reference digits across rows (DigitsEvaluator.fd_draws); the row gives the mean and the
     standard deviation over the draws, the FD's sampling spread at this N (two rows closer than
@@ -117,7 +117,7 @@ def digits_metric_rows(
     """
     if not isinstance(num_samples, int) or num_samples < MIN_TABLE_SAMPLES:
         raise ValueError(f"num_samples must be an int >= {MIN_TABLE_SAMPLES}, got {num_samples!r}")
-    sample_size = min(num_samples // 2, evaluator.max_sample_size)
+    sample_size = evaluator.sample_size(num_samples)
 
     def row(name: str, fds: np.ndarray, samples: torch.Tensor) -> MetricRow:
         counts = tuple(int(n) for n in evaluator.class_histogram(samples))

@@ -82,7 +82,7 @@ def frechet_distance_between(samples_a: Tensor | np.ndarray, samples_b: Tensor |
         array = np.asarray(samples, np.float64)
         if array.ndim != 2 or array.shape[0] < 2:
             raise ValueError(f"{name} must be (N, D) with N >= 2, got shape {array.shape}")
-        stats.append((array.mean(0), np.cov(array, rowvar=False)))
+        stats.append(_gaussian_stats(array))
     return frechet_distance(*stats[0], *stats[1])
 
 
@@ -188,6 +188,11 @@ class DigitsEvaluator:
         """The largest sample_size of fd_draws / floor_fd_draws: two disjoint draws of held-out digits that size."""
         return len(self.held_out) // 2
 
+    def sample_size(self, num_samples: int) -> int:
+        """The FD's N for num_samples samples, as the digits table takes it: half of them (so that draws
+        differ), at most max_sample_size."""
+        return min(num_samples // 2, self.max_sample_size)
+
     def features(self, samples: Tensor) -> np.ndarray:
         """(N, FEATURE_DIM) float64 penultimate-layer features of the clipped samples."""
         with torch.no_grad():
@@ -247,7 +252,7 @@ def fd_draws_between(
     with _one_blas_thread():
         for reference_rows, _ in reference_draws:
             subset = features[torch.randperm(len(features), generator=gen)[:sample_size].numpy()]
-            fds.append(frechet_distance(*_gaussian_stats(subset), *_gaussian_stats(reference[reference_rows])))
+            fds.append(frechet_distance_between(subset, reference[reference_rows]))
     return np.array(fds)
 
 
@@ -266,9 +271,7 @@ def floor_fd_draws_within(
     fds = []
     with _one_blas_thread():
         for reference_rows, sample_rows in _reference_draws(len(reference), sample_size, draws, seed):
-            fds.append(
-                frechet_distance(*_gaussian_stats(reference[sample_rows]), *_gaussian_stats(reference[reference_rows]))
-            )
+            fds.append(frechet_distance_between(reference[sample_rows], reference[reference_rows]))
     return np.array(fds)
 
 
