@@ -94,6 +94,7 @@ def add_parser(commands) -> None:
 
 def run(args) -> None:
     from ..study import QUICK_SETTINGS, RESULTS_FILE, StudySettings, read_results, run_study
+    from ..train.evaluation import MIN_TABLE_SAMPLES
 
     base = QUICK_SETTINGS if args.quick else StudySettings()
     out = Path(args.out if args.out is not None else QUICK_OUT if args.quick else DEFAULT_OUT)
@@ -101,8 +102,10 @@ def run(args) -> None:
         steps = check_count("--steps", args.steps if args.steps is not None else base.steps, MAX_TRAINING_STEPS)
         batch = check_count("--batch", args.batch if args.batch is not None else base.batch)
         num_samples = args.num_samples if args.num_samples is not None else base.num_samples
-        if num_samples < 4:
-            raise ValueError(f"--num-samples must be >= 4 (an FD draw takes half, at least 2), got {num_samples}")
+        if num_samples < MIN_TABLE_SAMPLES:
+            raise ValueError(
+                f"--num-samples must be >= {MIN_TABLE_SAMPLES} (an FD draw takes half, at least 2), got {num_samples}"
+            )
         check_count("--num-samples", num_samples)
         threads = check_count("--threads", args.threads if args.threads is not None else base.threads, MAX_THREADS)
         group_sizes = args.group_sizes or base.group_sizes
