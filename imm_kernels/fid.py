@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .train.data import to_uint8_images  # the sample PNGs' rule, so FID scores the pixels a grid shows
 from .validation import check_positive_int
 
 __all__ = [
@@ -168,18 +169,6 @@ def _check_inception_weights(path: Path) -> None:
 
 
 # Pixels and features.
-
-
-def to_uint8_images(samples: Tensor) -> Tensor:
-    """(N, C, H, W) samples in [-1, 1] -> uint8 pixels by the rule of the sample PNGs,
-    round((clamp(x, -1, 1) + 1) · 127.5).
-
-    This is IMM's own pixel decoding, floor(127.5·x + 128) clipped to [0, 255], except for values
-    within float rounding of a half-integer pixel.
-    """
-    if not isinstance(samples, Tensor) or not samples.dtype.is_floating_point:
-        raise TypeError(f"samples must be a floating-point tensor, got {_describe(samples)}")
-    return ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def image_features(images: Tensor, network: nn.Module, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:

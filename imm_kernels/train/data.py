@@ -459,6 +459,23 @@ GRID_MIN_SIDE = 64
 _WHITE, _BLACK = 255, 0
 
 
+def to_uint8_images(samples: Tensor) -> Tensor:
+    """(N, C, H, W) samples in [-1, 1] -> uint8 pixels, the rule of the sample PNGs (save_image_grid) and of
+    FID (imm_kernels.fid): round((clamp(x, -1, 1) + 1) · 127.5).
+
+    This is IMM's own pixel decoding, floor(127.5·x + 128) clipped to [0, 255], except for values
+    within float rounding of a half-integer pixel.
+    """
+    if not isinstance(samples, Tensor) or not samples.dtype.is_floating_point:
+        what = (
+            f"Tensor of dtype {samples.dtype} and shape {tuple(samples.shape)}"
+            if isinstance(samples, Tensor)
+            else type(samples).__name__
+        )
+        raise TypeError(f"samples must be a floating-point tensor, got {what}")
+    return ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def grid_upscale(height: int, width: int) -> int:
     """save_image_grid's default pixel repeat: each image at least GRID_MIN_SIDE pixels across."""
     return max(1, math.ceil(GRID_MIN_SIDE / max(height, width)))
@@ -496,7 +513,7 @@ def save_image_grid(
 
     from PIL import Image
 
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = to_uint8_images(images.detach().float().cpu())
     pixels = pixels.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
     height, width, pad = height * upscale, width * upscale, 2
     grid = torch.full((channels, rows * (height + pad) + pad, cols * (width + pad) + pad), 255, dtype=torch.uint8)
