@@ -28,6 +28,9 @@ __all__ = [
     "plot_training_curves",
     "fd_vs_steps_figure",
     "plot_fd_vs_steps",
+    "new_figure",
+    "set_log2_axis",
+    "save_figure",
 ]
 
 # (x values, y values): one curve. A value that is missing, null or non-finite in the log is left out.
@@ -141,7 +144,7 @@ def training_figures(records: Sequence[dict]):
     figures = {}
     for name, curves in training_curves(records).items():
         title, y_label = _CURVE_AXES[name]
-        figure = _new_figure()
+        figure = new_figure()
         axes = figure.add_subplot()
         for label, (steps, values) in curves.items():
             axes.plot(steps, values, label=label, marker="o" if len(steps) < 20 else None, markersize=3)
@@ -182,13 +185,15 @@ def plot_training_curves(records: Sequence[dict], out_dir: str | os.PathLike) ->
     """Writes each figure of `training_figures(records)` as out_dir/CURVE_FILES[name]; returns {name: path}.
     Figures without data (an old log without loss_by_t, a log without FD) are not written."""
     out_dir = Path(out_dir)
-    return {name: _save(figure, out_dir / CURVE_FILES[name]) for name, figure in training_figures(records).items()}
+    return {
+        name: save_figure(figure, out_dir / CURVE_FILES[name]) for name, figure in training_figures(records).items()
+    }
 
 
 def fd_vs_steps_figure(series: FdSeries, *, title: str = "FD vs sampling steps"):
     """A matplotlib Figure of FD against sampling steps: one curve per label (markers at each step count,
     log-2 step axis), with a shaded ±err band where an error is given."""
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     all_steps = set()
     for label, (steps, fd, fd_err) in series.items():
@@ -200,11 +205,10 @@ def fd_vs_steps_figure(series: FdSeries, *, title: str = "FD vs sampling steps")
             high = [value + err for value, err in zip(fd, fd_err)]
             axes.fill_between(list(steps), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         all_steps.update(steps)
-    axes.set_xscale("log", base=2)
     if all_steps:
-        ticks = sorted(all_steps)
-        axes.set_xticks(ticks, [str(step) for step in ticks])
-        axes.minorticks_off()
+        set_log2_axis(axes, sorted(all_steps))
+    else:
+        axes.set_xscale("log", base=2)
     axes.set(title=title, xlabel="sampling steps", ylabel="FD (lower is better)")
     axes.grid(alpha=0.3)
     if series:
@@ -218,19 +222,29 @@ def plot_fd_vs_steps(series: FdSeries, path: str | os.PathLike, *, title: str = 
     series: {label: (step counts, FD per step count, FD error per step count or None)}, e.g.
     {"M=4": ([1, 2, 4, 8], [31.0, 14.2, 10.9, 10.1], [1.2, 0.8, 0.7, 0.7])}.
     """
-    return _save(fd_vs_steps_figure(series, title=title), Path(path))
+    return save_figure(fd_vs_steps_figure(series, title=title), Path(path))
 
 
-def _new_figure():
+def new_figure(size: tuple[float, float] = FIGURE_SIZE):
+    """An empty matplotlib Figure of `size` inches at DPI, drawn on Agg: no display needed, whatever backend
+    matplotlib would pick, and no pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(figure)  # Agg explicitly: no display needed, whatever backend matplotlib would pick
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure, path: Path) -> Path:
+def set_log2_axis(axes, ticks: Sequence[int]) -> None:
+    """A log-2 x axis labelled at exactly `ticks` (step counts, group sizes), without minor ticks."""
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ticks, [str(tick) for tick in ticks])
+    axes.minorticks_off()
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Writes the figure as a PNG at path (its folder is made); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=DPI)
     return path

@@ -642,11 +642,9 @@ def write_report(records: Sequence[dict], settings: StudySettings, out_dir: str 
 def _plot_fd_by_group_size(cells: Sequence[CellSummary], settings: StudySettings, path: Path) -> Path:
     """Two panels, FD at 1 and at 8 steps against M (log-2 axis), a curve per learning rate with error bars
     (the std over seeds)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .plots import new_figure, save_figure, set_log2_axis
 
-    figure = Figure(figsize=(9.6, 4.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)  # Agg explicitly, no display
+    figure = new_figure((9.6, 4.0))
     panels = figure.subplots(1, len(TABLE_STEPS), sharey=True)
     for axes, num_steps in zip(panels, TABLE_STEPS):
         column = settings.sampling_steps.index(num_steps)
@@ -656,15 +654,11 @@ def _plot_fd_by_group_size(cells: Sequence[CellSummary], settings: StudySettings
             if points:
                 ms, fds, stds = zip(*points)
                 axes.errorbar(ms, fds, yerr=stds, marker="o", capsize=3, label=f"lr {lr:g}")
-        axes.set_xscale("log", base=2)
-        axes.set_xticks(settings.group_sizes, [str(m) for m in settings.group_sizes])
-        axes.minorticks_off()
+        set_log2_axis(axes, settings.group_sizes)
         axes.set(title=f"{num_steps} sampling step{'s' if num_steps > 1 else ''}", xlabel="group size M")
         axes.grid(alpha=0.3)
     panels[0].set_ylabel("FD (lower is better)")
     if panels[0].get_legend_handles_labels()[0]:  # no curve when every run diverged
         panels[0].legend(fontsize="small")
     figure.suptitle(f"FD by group size ({settings.steps} training steps each; {_spread_note(settings)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    return path
+    return save_figure(figure, path)
