@@ -51,6 +51,21 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def replace_folder(new: Path, target: Path) -> Path:
+    """Renames the complete folder `new` to `target`, replacing any target. The old target is moved aside,
+    not deleted, until the new one is in place: a failure between the two renames leaves it whole in
+    <target>.replaced."""
+    if not target.exists():
+        new.rename(target)
+        return target
+    replaced = target.with_name(target.name + ".replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    target.rename(replaced)
+    new.rename(target)
+    shutil.rmtree(replaced)
+    return target
+
+
 def save_model(
     directory: str | os.PathLike,
     *,
@@ -83,17 +98,7 @@ def save_model(
         "source": dict(source or {}),
     }
     (partial / MODEL_CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    if not directory.exists():
-        partial.rename(directory)
-        return directory
-    # The old folder is moved aside, not deleted, until the new one is in place: a failure between
-    # the two renames leaves it whole in <name>.replaced.
-    replaced = directory.with_name(directory.name + ".replaced")
-    shutil.rmtree(replaced, ignore_errors=True)
-    directory.rename(replaced)
-    partial.rename(directory)
-    shutil.rmtree(replaced)
-    return directory
+    return replace_folder(partial, directory)
 
 
 def _read_description(directory: Path) -> dict:

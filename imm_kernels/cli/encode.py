@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model_files import file_sha256, replace_folder
 from ..train.data import (
     ARRAY_SUFFIXES,
     DataFileError,
@@ -180,7 +181,7 @@ def _prepare(args) -> _Job:
             "seed": args.seed,
             "dtype": args.dtype,
             "vae": str(vae_folder.absolute()),
-            "vae_config_sha256": hashlib.sha256((vae_folder / "config.json").read_bytes()).hexdigest(),
+            "vae_config_sha256": file_sha256(vae_folder / "config.json"),
             "vae_dtype": str(encoder.dtype).removeprefix("torch."),
             "scale": encoder.scale.tolist(),
             "bias": encoder.bias.tolist(),
@@ -435,9 +436,8 @@ class _ShardFolderWriter:
             self.buffer, self.filled = None, 0
 
     def finish(self) -> None:
-        if self.out.exists():  # empty, or an earlier encode that --force replaces (checked before encoding)
-            shutil.rmtree(self.out)
-        self.partial.rename(self.out)
+        # OUT is absent, empty, or an earlier encode that --force replaces (checked before encoding).
+        replace_folder(self.partial, self.out)
 
     def abort(self) -> None:
         """The shards written so far stay in OUT.partial for a rerun to continue from; without any, it goes."""
