@@ -3,6 +3,8 @@ gradients, and running the `imm-kernels` command in-process. (Fixtures and colle
 live in conftest.py, which also sets TRITON_INTERPRET before anything imports Triton.)"""
 
 import math
+import socket
+import sys
 
 import pytest
 import torch
@@ -91,6 +93,30 @@ def cli_fails(capsys, *argv) -> str:
         main(list(argv))
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Several processes
+# ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """The head of a torchrun command line: nproc processes on this machine, rendezvous on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 # ----------------------------------------------------------------------------

@@ -3,9 +3,7 @@ which GPU a rank takes, and the process group's backend, when ranks outnumber th
 
 import datetime
 import json
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,8 @@ import torch.multiprocessing as mp
 from imm_kernels.cli.train import EXIT_PEER_LOST, _exit_status
 from imm_kernels.train import trainer as trainer_module
 from imm_kernels.train.trainer import ProcessInfo, TrainConfig, Trainer, find_checkpoint
+
+from helpers import free_port, torchrun_command
 
 WORLD_SIZE = 2
 STEP = 3  # any step: the data slice and the draws are functions of (seed, rank, step)
@@ -31,12 +31,6 @@ CONFIG = TrainConfig(
     seed=5,
     device="cpu",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gradients(trainer: Trainer) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
@@ -64,7 +58,7 @@ def _ddp_worker(rank: int, port: int, results: dict) -> None:
 def test_ddp_gradients_equal_the_mean_of_the_ranks_computed_serially():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(_ddp_worker, args=(free_port(), results), nprocs=WORLD_SIZE, join=True)
         ddp = dict(results)
 
     threads = torch.get_num_threads()
@@ -110,12 +104,7 @@ def test_torchrun_two_processes_train_and_checkpoint(device, tmp_path):
     """Two ranks under torchrun; on CUDA also with one GPU, both ranks then on cuda:0 over gloo."""
     out = tmp_path / "run"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port",
-        str(_free_port()),
+        *torchrun_command(2),
         *"-m imm_kernels train --data toy2d --steps 4 --batch 32 --width 16 --depth 1 --device".split(),
         device,
         "--out",
@@ -217,7 +206,7 @@ def test_a_lost_peer_ends_the_run_with_a_message_and_auto_resume_continues(tmp_p
     script.write_text(_LEAVING_RANK)
     train = [*"train --data toy2d --batch 32 --width 16 --depth 1 --device cpu --ckpt-every 1".split()]
     train += ["--out", str(out), "--dist-timeout", "20", "--auto-resume"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    command = torchrun_command(2)
     result = subprocess.run(
         [*command, str(script), *train, "--steps", "50"], capture_output=True, text=True, timeout=300
     )

@@ -6,9 +6,7 @@ process would change what later tests see."""
 
 import dataclasses
 import json
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ from imm_kernels.train.checkpoints import CheckpointError
 from imm_kernels.train.evaluation import load_ema_net
 from imm_kernels.train.fsdp import SHARDED_DIR
 from imm_kernels.train.trainer import ProcessInfo, TrainConfig, Trainer, build_net, find_checkpoint
+
+from helpers import free_port, torchrun_command
 
 WORLD_SIZE = 2
 STEP = 3
@@ -38,12 +38,6 @@ CONFIG = TrainConfig(
     backend="torch",  # the reference ops: what is tested here is the sharding, and Triton's interpreter is slow
 )
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _join(rank: int, port: int, world_size: int) -> None:
@@ -119,7 +113,7 @@ def _serial_step(accum: int):
 def test_fsdp_gradients_and_one_step_equal_the_serial_ranks(accum):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_fsdp_step_worker, args=(_free_port(), accum, results), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(_fsdp_step_worker, args=(free_port(), accum, results), nprocs=WORLD_SIZE, join=True)
         fsdp = dict(results)
 
     threads = torch.get_num_threads()
@@ -192,14 +186,14 @@ def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one_bit_identically(tmp_pa
     out = str(tmp_path / "run")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_train_worker, args=(_free_port(), WORLD_SIZE, out, results), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(_train_worker, args=(free_port(), WORLD_SIZE, out, results), nprocs=WORLD_SIZE, join=True)
         saved = results[0]
         checkpoint = find_checkpoint(out)
         files = json.loads((checkpoint / "state.json").read_text())["files"]
         assert {f"{SHARDED_DIR}/__0_0.distcp", f"{SHARDED_DIR}/__1_0.distcp", f"{SHARDED_DIR}/.metadata"} <= set(files)
         assert (tmp_path / "run" / "samples" / "step_000003.png").is_file()  # the gathered EMA's samples
 
-        mp.spawn(_resume_worker, args=(_free_port(), 1, out, results), nprocs=1, join=True)
+        mp.spawn(_resume_worker, args=(free_port(), 1, out, results), nprocs=1, join=True)
         loaded = results["loaded"]
         assert results["step"] == 5
     assert loaded["step"] == saved["step"] == 3
@@ -220,7 +214,7 @@ def test_an_unsharded_checkpoint_is_refused_by_an_fsdp_trainer(tmp_path):
     Trainer(config, tmp_path / "run", progress=False).train()
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_load_worker, args=(_free_port(), str(tmp_path / "run"), results), nprocs=1, join=True)
+        mp.spawn(_load_worker, args=(free_port(), str(tmp_path / "run"), results), nprocs=1, join=True)
         assert results["error"] == (
             f"{find_checkpoint(tmp_path / 'run')}: written by a --dist ddp run, which this trainer "
             "(dist='fsdp') cannot load: continue it with --dist ddp"
@@ -257,12 +251,7 @@ def test_torchrun_fsdp_trains_an_mlp_and_a_dit_and_writes_a_sharded_checkpoint(t
             else f"--data digits --model dit-s2 --model-kwargs {json.dumps(TINY_DIT).replace(' ', '')}"
         )
         command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port",
-            str(_free_port()),
+            *torchrun_command(2),
             *f"-m imm_kernels train {data} --steps 2 --batch 32 --device cpu --dist fsdp --accum 2".split(),
             *"--backend torch".split(),
             "--out",
